@@ -1,0 +1,62 @@
+"""torchgradcheck: prove that your gradients are right.
+
+Compares the gradients autograd produces (``loss.backward()``) with central finite differences,
+element by element, with tolerances derived from a measured estimate of the finite-difference error.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ElementResult",
+    "GradcheckWarning",
+    "GradientMismatchError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
+    "ParameterResult",
+    "Report",
+    "TorchGradcheckError",
+    "__version__",
+    "verify_module",
+]
+
+# Lazy attributes (PEP 562): `import torchgradcheck` (e.g. by the pytest plugin) does not import torch.
+_WHERE = {
+    "ElementResult": "._report",
+    "ParameterResult": "._report",
+    "Report": "._report",
+    "GradcheckWarning": "._errors",
+    "GradientMismatchError": "._errors",
+    "InvalidArgumentError": "._errors",
+    "InvalidArgumentTypeError": "._errors",
+    "TorchGradcheckError": "._errors",
+    "verify_module": "._verify",
+}
+
+if TYPE_CHECKING:
+    from ._errors import (
+        GradcheckWarning,
+        GradientMismatchError,
+        InvalidArgumentError,
+        InvalidArgumentTypeError,
+        TorchGradcheckError,
+    )
+    from ._report import ElementResult, ParameterResult, Report
+    from ._verify import verify_module
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        value = getattr(importlib.import_module(_WHERE[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'torchgradcheck' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -1,0 +1,126 @@
+"""The objective: how ``(model, loss_fn, batch)`` becomes a scalar loss, and the batch's own tensors.
+
+Conventions (documented in `verify_module`):
+
+* ``Tensor``                  -> ``loss_fn(model(batch))``
+* ``dict``                    -> ``loss_fn(model(**batch))``
+* ``(inputs,)``               -> as ``inputs`` alone
+* ``(inputs, target)``        -> ``loss_fn(model(inputs), target)``; ``inputs`` that is a tuple/list
+  is unpacked as positional arguments, a dict as keyword arguments; ``target=None`` means no target.
+* ``forward=fn``              -> ``fn(model, batch)`` returns the loss; anything goes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._params import Target
+
+__all__ = ["Objective", "convert_batch", "input_targets"]
+
+
+class BatchError(ValueError):
+    """Internal: a fact about the batch; `_verify` adds the call and the fix."""
+
+
+def convert_batch(batch: Any, dtype: torch.dtype | None, path: str = "batch") -> Any:
+    """Copy the batch, floating tensors in `dtype`; reject NaN/Inf. Never touches the caller's tensors."""
+    if isinstance(batch, torch.Tensor):
+        if batch.is_floating_point() or batch.is_complex():
+            if not bool(torch.isfinite(batch).all()):
+                raise BatchError(f"{path} contains NaN or Inf")
+            out = batch.detach().to(dtype=dtype or batch.dtype, copy=True).contiguous()
+            return out
+        return batch
+    if isinstance(batch, dict):
+        return {k: convert_batch(v, dtype, f"{path}[{k!r}]") for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        items = [convert_batch(v, dtype, f"{path}[{i}]") for i, v in enumerate(batch)]
+        if hasattr(batch, "_fields"):  # namedtuple
+            return type(batch)(*items)
+        return type(batch)(items)
+    return batch
+
+
+def input_targets(batch: Any, path: str = "batch") -> list[Target]:
+    """The floating tensors of a converted batch, as targets to perturb (``inputs=True``)."""
+    found: list[Target] = []
+    if isinstance(batch, torch.Tensor):
+        if batch.is_floating_point():
+            found.append(Target(path, batch, kind="input", param=batch))
+    elif isinstance(batch, dict):
+        for k, v in batch.items():
+            found.extend(input_targets(v, f"{path}[{k!r}]"))
+    elif isinstance(batch, (tuple, list)):
+        for i, v in enumerate(batch):
+            found.extend(input_targets(v, f"{path}[{i}]"))
+    return found
+
+
+def _call(model: Callable[..., Any], inputs: Any) -> Any:
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)) and not hasattr(inputs, "_fields"):
+        return model(*inputs)
+    return model(inputs)
+
+
+class Objective:
+    """``loss(model_like)`` for one batch, following the conventions above."""
+
+    def __init__(
+        self,
+        loss_fn: Callable[..., Any] | None,
+        batch: Any,
+        forward: Callable[[Any, Any], Any] | None,
+    ) -> None:
+        self.loss_fn = loss_fn
+        self.batch = batch
+        self.forward = forward
+        if forward is None and isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
+            if len(batch) not in (1, 2):
+                raise BatchError(
+                    f"batch is a {type(batch).__name__} of {len(batch)} items; expected a Tensor, a "
+                    "dict, (inputs,) or (inputs, target)"
+                )
+
+    def __call__(self, model: Callable[..., Any]) -> Any:
+        batch = self.batch
+        if self.forward is not None:
+            return self.forward(model, batch)
+        assert self.loss_fn is not None
+        if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
+            inputs = batch[0]
+            target = batch[1] if len(batch) == 2 else None
+            out = _call(model, inputs)
+            return self.loss_fn(out) if target is None else self.loss_fn(out, target)
+        return self.loss_fn(_call(model, batch))
+
+
+def check_loss(loss: Any) -> torch.Tensor:
+    """Return `loss` if it is a real, finite, 0-dim floating tensor; raise BatchError otherwise."""
+    if isinstance(loss, (float, int)) and not isinstance(loss, bool):
+        raise BatchError(
+            f"the loss is a Python {type(loss).__name__} ({loss!r}), which carries no gradient; "
+            "return the tensor itself (no .item())"
+        )
+    if not isinstance(loss, torch.Tensor):
+        raise BatchError(f"the loss is a {type(loss).__name__}, not a torch.Tensor")
+    if loss.dim() != 0:
+        raise BatchError(
+            f"the loss has shape {tuple(loss.shape)}, not a scalar; reduce it yourself "
+            "(e.g. reduction='mean' or .sum()) so the check tests the loss you train with"
+        )
+    if loss.is_complex() or not loss.is_floating_point():
+        raise BatchError(f"the loss has dtype {loss.dtype}; it must be a real floating scalar")
+    if not bool(torch.isfinite(loss)):
+        raise BatchError(f"the loss is {loss.item()} (not finite) at the unperturbed point")
+    return loss
+
+
+def module_is_lazy(model: nn.Module) -> bool:
+    return any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())

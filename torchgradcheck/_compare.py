@@ -1,0 +1,116 @@
+"""The tolerance model: how far apart may autograd and finite differences be, element by element?
+
+An element fails only if ``|a - n|`` exceeds its own tolerance
+
+    tol = atol + rtol * |n| + NOISE_SIGMAS * sqrt(2) * sigma / span      (first pass)
+
+where ``sigma`` is the measured noise of the loss (`_noise`), ``span = 2h`` the distance between the
+evaluated points, and ``rtol`` a per-dtype floor from `DTYPE_DEFAULTS`. The noise term is what a
+fixed ``atol`` gets wrong in both directions: it grows with cancellation (a loss offset by 1e6) and
+shrinks with tiny gradients (1e-8), so neither false alarms nor blind spots follow from scale.
+
+Elements over tolerance get a second look at ``+-2h`` (`_finite_diff.second_look`), then:
+
+* five points ``-2h..2h`` that a quadratic does not fit beyond noise, and whose misfit is large
+  enough to explain the disagreement, mean the loss has a kink inside the step (ReLU at 0, ``max``
+  with ties): the element is "not differentiable here", excluded from the verdict and listed;
+* otherwise the Richardson value ``(4 D(h) - D(2h)) / 3`` replaces ``D(h)``, and the estimated
+  truncation error ``|D(h) - D(2h)| / 3`` joins the tolerance. A real bug survives this; truncation
+  error of a strongly curved but correct loss does not.
+
+The relative error ``||a - n|| / (||a|| + ||n||)`` is computed and reported, never used to decide:
+over N elements it dilutes a one-element bug by about ``1/sqrt(N)``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "DTYPE_DEFAULTS",
+    "NOISE_SIGMAS",
+    "DtypeDefaults",
+    "Judgement",
+    "first_tolerance",
+    "judge_second_look",
+    "relative_error",
+]
+
+NOISE_SIGMAS = 10.0  # the noise term sits this many standard deviations out
+KINK_SIGMAS = 10.0  # a quadratic misfit this far above noise is a kink ...
+KINK_SHARE = 0.05  # ... if it also explains at least this share of the disagreement
+
+
+@dataclass(frozen=True)
+class DtypeDefaults:
+    eps: float  # relative step, about u^(1/3): balances truncation (h^2) against rounding (u/h)
+    rtol: float  # floor of the relative tolerance
+
+
+# One row per dtype (the table jax keeps in default_gradient_tolerance). eps = (2u)^(1/3), rounded.
+DTYPE_DEFAULTS: dict[torch.dtype, DtypeDefaults] = {
+    torch.float64: DtypeDefaults(eps=6e-6, rtol=1e-6),
+    torch.float32: DtypeDefaults(eps=5e-3, rtol=1e-3),
+    torch.float16: DtypeDefaults(eps=1e-1, rtol=1e-2),
+    torch.bfloat16: DtypeDefaults(eps=2e-1, rtol=5e-2),
+}
+
+
+def first_tolerance(numerical: torch.Tensor, span: torch.Tensor, sigma: float, rtol: float, atol: float) -> torch.Tensor:
+    """Per-element tolerance of the first pass (see the module docstring)."""
+    return atol + rtol * numerical.abs() + NOISE_SIGMAS * math.sqrt(2.0) * sigma / span
+
+
+# Least-squares quadratic fit on x = -2, -1, 0, 1, 2: the residual lives in the span of the
+# (orthogonal) cubic and quartic polynomials; these are their values at the five points.
+_CUBIC = torch.tensor([-1.0, 2.0, 0.0, -2.0, 1.0], dtype=torch.float64)
+_QUARTIC = torch.tensor([1.0, -4.0, 6.0, -4.0, 1.0], dtype=torch.float64)
+
+
+def quadratic_misfit(values: torch.Tensor) -> torch.Tensor:
+    """Residual norm of the least-squares quadratic through five equally spaced values, per row."""
+    cubic = values @ _CUBIC.to(values.device)
+    quartic = values @ _QUARTIC.to(values.device)
+    return torch.sqrt(cubic**2 / 10.0 + quartic**2 / 70.0)
+
+
+@dataclass
+class Judgement:
+    numerical: torch.Tensor  # refined derivative
+    tolerance: torch.Tensor
+    kink: torch.Tensor  # bool: not differentiable within the step (or not finite there)
+
+
+def judge_second_look(
+    analytical: torch.Tensor,
+    first_derivative: torch.Tensor,
+    h: torch.Tensor,
+    span: torch.Tensor,
+    values: torch.Tensor,
+    wide: torch.Tensor,
+    sigma: float,
+    rtol: float,
+    atol: float,
+) -> Judgement:
+    """Refine and re-judge the elements that failed the first pass (all arguments restricted to them)."""
+    refined = (4.0 * first_derivative - wide) / 3.0
+    truncation = (first_derivative - wide).abs() / 3.0
+    noise = 1.5 * NOISE_SIGMAS * math.sqrt(2.0) * sigma / span
+    tolerance = atol + rtol * refined.abs() + noise + truncation
+    misfit = quadratic_misfit(values)
+    disagreement = (analytical - first_derivative).abs()
+    kink = (misfit > KINK_SIGMAS * math.sqrt(2.0) * sigma) & (misfit >= KINK_SHARE * h * disagreement)
+    kink |= ~torch.isfinite(values).all(dim=1)
+    refined = torch.where(torch.isfinite(refined), refined, first_derivative)
+    return Judgement(numerical=refined, tolerance=tolerance, kink=kink)
+
+
+def relative_error(analytical: torch.Tensor, numerical: torch.Tensor) -> float:
+    """``||a - n|| / (||a|| + ||n||)``, 0 when both are zero."""
+    a = analytical.to(torch.float64)
+    n = numerical.to(torch.float64)
+    denom = float(a.norm() + n.norm())
+    return 0.0 if denom == 0.0 else float((a - n).norm()) / denom

@@ -1,0 +1,188 @@
+"""Engines evaluate the loss at many perturbed points of one target tensor.
+
+Two interchangeable engines answer the same two questions:
+
+* ``losses(target, index, values)``: loss with element ``index[j]`` of `target` set to ``values[j]``;
+* ``losses_along(target, deltas)``: loss with `target` moved by the dense row ``deltas[j]``.
+
+`LoopEngine` perturbs the working copy in place and runs one forward per point under ``no_grad``:
+it works for every model. `VmapEngine` evaluates a chunk of perturbed copies of the tensor in one
+batched forward with ``torch.func.vmap`` over ``torch.func.functional_call`` (the other tensors are
+shared, not copied). Before every evaluation both engines reset the buffers and re-seed the RNG,
+so the two give the same verdicts; `_check` falls back from vmap to the loop when vmap can't run the
+model or disagrees with a plain forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call, vmap
+
+from ._batch import Objective
+from ._params import Lent, Target
+from ._state import reseed
+
+__all__ = ["Engine", "LoopEngine", "VmapEngine"]
+
+Tick = Callable[[int], None]
+
+
+def _noop(_: int) -> None:
+    return None
+
+
+class Engine:
+    """Shared plumbing: one unperturbed evaluation, the evaluation counter, progress ticks."""
+
+    name = "engine"
+
+    def __init__(self, lent: Lent, objective: Objective, seed: int, tick: Tick = _noop) -> None:
+        self.lent = lent
+        self.objective = objective
+        self.seed = seed
+        self.tick = tick
+        self.evaluations = 0
+
+    def _prepare(self) -> None:
+        self.lent.reset_buffers()
+        reseed(self.seed)
+
+    def loss(self) -> torch.Tensor:
+        """The unperturbed loss, without recording a graph."""
+        with torch.no_grad():
+            self._prepare()
+            self.evaluations += 1
+            return torch.as_tensor(self.objective(self.lent.model)).detach().to(torch.float64)
+
+    def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def losses_along(self, target: Target, deltas: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class LoopEngine(Engine):
+    """One forward per point, perturbing the working copy in place; restores it even on error."""
+
+    name = "loop"
+
+    def _one(self) -> torch.Tensor:
+        self._prepare()
+        return torch.as_tensor(self.objective(self.lent.model))
+
+    def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        flat = target.flat
+        out = torch.empty(len(index), dtype=torch.float64, device=flat.device)
+        with torch.no_grad():
+            for j, i in enumerate(index.tolist()):
+                old = flat[i].clone()
+                flat[i] = values[j]
+                try:
+                    out[j] = self._one()
+                finally:
+                    flat[i] = old
+                self.evaluations += 1
+                self.tick(1)
+        return out
+
+    def losses_along(self, target: Target, deltas: torch.Tensor) -> torch.Tensor:
+        flat = target.flat
+        base = flat.clone()
+        out = torch.empty(deltas.shape[0], dtype=torch.float64, device=flat.device)
+        with torch.no_grad():
+            try:
+                for j in range(deltas.shape[0]):
+                    torch.add(base, deltas[j], out=flat)
+                    out[j] = self._one()
+                    self.evaluations += 1
+                    self.tick(1)
+            finally:
+                flat.copy_(base)
+        return out
+
+
+def _substitute(tree: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
+    if tree is old:
+        return new
+    if isinstance(tree, dict):
+        return {k: _substitute(v, old, new) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        items = [_substitute(v, old, new) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return tree
+
+
+class _Wrapped(nn.Module):
+    """Lets functional_call reparametrize the user's module while the objective sees the module itself."""
+
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self._objective = objective
+
+    def forward(self, batch: Any) -> Any:
+        objective = self._objective
+        if batch is not objective.batch:
+            objective = Objective(objective.loss_fn, batch, objective.forward)
+        return objective(self.model)
+
+
+class VmapEngine(Engine):
+    """Chunks of perturbed copies of one tensor per batched forward (``vmap`` + ``functional_call``)."""
+
+    name = "vmap"
+
+    def __init__(self, *args: Any, chunk_elements: int = 1 << 22, max_chunk: int = 256, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.wrapped = _Wrapped(self.lent.model, self.objective)
+        self.chunk_elements = chunk_elements
+        self.max_chunk = max_chunk
+
+    def chunk_size(self, target: Target) -> int:
+        return max(1, min(self.max_chunk, self.chunk_elements // max(1, target.tensor.numel())))
+
+    def _row_fn(self, target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
+        wrapped, batch = self.wrapped, self.objective.batch
+        if target.kind == "parameter":
+            key = "model." + target.name
+
+            def row(p: torch.Tensor) -> torch.Tensor:
+                return functional_call(wrapped, {key: p}, (batch,))
+
+        else:
+
+            def row(x: torch.Tensor) -> torch.Tensor:
+                return wrapped(_substitute(batch, target.tensor, x))
+
+        return row
+
+    def _batched(self, target: Target, rows: torch.Tensor) -> torch.Tensor:
+        fn = vmap(self._row_fn(target), randomness="same")
+        out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
+        size = self.chunk_size(target)
+        with torch.no_grad():
+            for start in range(0, rows.shape[0], size):
+                chunk = rows[start : start + size]
+                self._prepare()
+                out[start : start + len(chunk)] = fn(chunk.view(len(chunk), *target.shape))
+                self.evaluations += len(chunk)
+                self.tick(len(chunk))
+        return out
+
+    def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        flat = target.flat
+        out = torch.empty(len(index), dtype=torch.float64, device=flat.device)
+        size = self.chunk_size(target)
+        for start in range(0, len(index), size):
+            idx = index[start : start + size]
+            rows = flat.expand(len(idx), flat.numel()).clone()
+            rows[torch.arange(len(idx), device=flat.device), idx] = values[start : start + size].to(rows.dtype)
+            out[start : start + len(idx)] = self._batched(target, rows)
+        return out
+
+    def losses_along(self, target: Target, deltas: torch.Tensor) -> torch.Tensor:
+        return self._batched(target, target.flat + deltas)

@@ -1,0 +1,55 @@
+"""How noisy is the loss? Measured, not assumed.
+
+Rounding makes every evaluated loss ``L~ = L + e`` with a small error ``e``; central differences
+divide the difference of two such errors by ``2h``, so the noise of the loss sets the absolute
+tolerance of each element. The loss's own magnitude (``u * |L|``) underestimates it whenever the
+loss is a small difference of large terms, so we measure it with the ECNoise idea of Moré & Wild
+(2011): evaluate the loss at ``m + 1`` equally spaced points along a random direction, with steps so
+small that the smooth part of the loss is a low-degree polynomial there; the ``k``-th differences
+then contain only noise, and ``sigma_k^2 = mean((Delta^k L)^2) * (k!)^2 / (2k)!`` estimates its variance.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._engines import Engine
+from ._params import Target
+
+__all__ = ["NOISE_POINTS", "estimate_noise", "noise_from_samples", "unit_roundoff"]
+
+NOISE_POINTS = 9  # evaluations per target tensor
+_ORDERS = (3, 4, 5, 6)  # difference orders that see noise only
+
+
+def unit_roundoff(dtype: torch.dtype) -> float:
+    return float(torch.finfo(dtype).eps) / 2
+
+
+def noise_from_samples(values: torch.Tensor) -> float:
+    """The ECNoise estimate of the noise standard deviation from equally spaced samples."""
+    diffs = values.to(torch.float64)
+    estimates = []
+    for k in range(1, max(_ORDERS) + 1):
+        diffs = diffs[1:] - diffs[:-1]
+        if k in _ORDERS and diffs.numel() > 0:
+            gamma = math.factorial(k) ** 2 / math.factorial(2 * k)
+            estimates.append(math.sqrt(gamma * float((diffs**2).mean())))
+    return max(estimates) if estimates else 0.0
+
+
+def estimate_noise(engine: Engine, target: Target, generator: torch.Generator) -> float:
+    """Standard deviation of the rounding noise of the loss, near the point, moving `target`."""
+    base = target.flat
+    u = unit_roundoff(base.dtype)
+    step = 1e-2 * math.sqrt(u)  # relative; small enough that 3rd differences of the smooth part vanish
+    signs = torch.randint(0, 2, (base.numel(),), generator=generator).to(base.device, torch.float64) * 2 - 1
+    direction = signs * base.to(torch.float64).abs().clamp(min=1.0) * step
+    offsets = torch.arange(NOISE_POINTS, device=base.device, dtype=torch.float64) - NOISE_POINTS // 2
+    deltas = (offsets[:, None] * direction[None, :]).to(base.dtype)
+    values = engine.losses_along(target, deltas)
+    if not bool(torch.isfinite(values).all()):
+        return math.inf
+    return noise_from_samples(values)

@@ -1,0 +1,194 @@
+"""What a check found: frozen dataclasses, a compact table for humans, a dict for machines."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ._errors import GradientMismatchError
+
+__all__ = ["ElementResult", "ParameterResult", "Report"]
+
+DETAIL_SHOWN = 3  # worst elements listed per failing tensor
+
+# Statuses that pass; every other status fails the check.
+PASSING = ("ok", "zero", "unused", "skipped", "inconclusive")
+
+_CAUSES = """\
+This usually means one of:
+  1. a custom autograd.Function or hand-written backward returns a wrong gradient;
+  2. a .detach(), torch.no_grad() or .data cuts a parameter off from the loss (status "no gradient");
+  3. the loss is computed differently with and without autograd (e.g. branches on requires_grad).
+Elements at kinks (relu/abs/max at 0) are listed as "not differentiable here", never as failures."""
+
+
+def _fmt(x: float | None, spec: str = ".2e") -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
+        return str(x)
+    return format(x, spec)
+
+
+def _num(x: float) -> str:
+    return f"{x:.6g}"
+
+
+def element_name(name: str, index: tuple[int, ...]) -> str:
+    return f"{name}[{', '.join(map(str, index))}]" if index else name
+
+
+@dataclass(frozen=True)
+class ElementResult:
+    """One element of a checked tensor: both values, the gap and the tolerance it was judged by."""
+
+    index: tuple[int, ...]
+    numerical: float
+    analytical: float
+    abs_error: float
+    tolerance: float
+
+    @property
+    def score(self) -> float:
+        return self.abs_error / self.tolerance if self.tolerance > 0 else math.inf
+
+
+@dataclass(frozen=True)
+class ParameterResult:
+    """The verdict for one tensor (a parameter, a batch input, or an input of a function)."""
+
+    name: str
+    shape: tuple[int, ...]
+    status: str  # ok | zero | mismatch | no gradient | unused | skipped | inconclusive
+    relative_error: float | None = None
+    max_abs_error: float | None = None
+    checked: int = 0  # elements compared
+    failed: int = 0  # elements over tolerance
+    worst: tuple[ElementResult, ...] = ()  # worst first (by error / tolerance)
+    not_differentiable: tuple[tuple[int, ...], ...] = ()  # elements with a kink inside the step
+    noise: float | None = None  # measured noise (std) of the loss while moving this tensor
+    kind: str = "parameter"
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return self.status in PASSING
+
+    @property
+    def excluded(self) -> int:
+        return len(self.not_differentiable)
+
+
+@dataclass(frozen=True)
+class Report:
+    """Everything a check found. ``str(report)`` is a table; ``report.assert_passed()`` raises on failure."""
+
+    call: str
+    results: tuple[ParameterResult, ...]
+    relative_error: float
+    options: dict[str, Any] = field(default_factory=dict)
+    evaluations: int = 0
+    seconds: float = 0.0
+    engine: str = "loop"
+    notes: tuple[str, ...] = ()
+
+    @property
+    def passed(self) -> bool:
+        return all(r.passed for r in self.results)
+
+    @property
+    def failures(self) -> tuple[ParameterResult, ...]:
+        return tuple(r for r in self.results if not r.passed)
+
+    def __bool__(self) -> bool:  # `assert report` reads naturally; the message is `str(report)`
+        return self.passed
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (no tensors; non-finite floats as strings)."""
+
+        def clean(x: Any) -> Any:
+            if isinstance(x, float) and not math.isfinite(x):
+                return str(x)
+            if isinstance(x, dict):
+                return {str(k): clean(v) for k, v in x.items()}
+            if isinstance(x, (list, tuple)):
+                return [clean(v) for v in x]
+            return x
+
+        out = asdict(self)
+        out["passed"] = self.passed
+        for res, d in zip(self.results, out["results"]):
+            d["passed"] = res.passed
+        return clean(out)
+
+    def assert_passed(self) -> None:
+        """Raise `GradientMismatchError` (an AssertionError) carrying this table if the check failed."""
+        __tracebackhide__ = True
+        if not self.passed:
+            raise GradientMismatchError(str(self), report=self)
+
+    def headline(self) -> str:
+        checked = sum(r.checked for r in self.results)
+        tensors = [r for r in self.results if r.status != "skipped"]
+        if self.passed:
+            return (
+                f"{self.call}: OK, {len(tensors)} tensors ({checked:,} elements) agree "
+                f"(relative error {_fmt(self.relative_error)})"
+            )
+        return (
+            f"{self.call}: FAILED, gradients disagree for {len(self.failures)} of {len(tensors)} tensors "
+            f"(relative error {_fmt(self.relative_error)})"
+        )
+
+    def table(self) -> str:
+        header = ("tensor", "shape", "status", "rel.err", "max|a-n|", "worst element", "numerical", "autograd", "tol")
+        rows = [header]
+        for r in self.results:
+            w = r.worst[0] if r.worst else None
+            rows.append(
+                (
+                    r.name,
+                    str(tuple(r.shape)).replace(",)", ")"),
+                    r.status + (f" ({r.failed}/{r.checked})" if r.failed else ""),
+                    _fmt(r.relative_error),
+                    _fmt(r.max_abs_error),
+                    element_name("", w.index) if w else "-",
+                    _num(w.numerical) if w else "-",
+                    _num(w.analytical) if w else "-",
+                    _fmt(w.tolerance) if w else "-",
+                )
+            )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows)
+
+    def details(self) -> list[str]:
+        lines = []
+        for r in self.results:
+            if not r.passed and r.worst:
+                shown = [w for w in r.worst if w.abs_error > w.tolerance][:DETAIL_SHOWN] or list(r.worst[:1])
+                lines.append(f"  {r.name}: {r.failed} element(s) over tolerance; worst:")
+                for w in shown:
+                    lines.append(
+                        f"    {element_name(r.name, w.index)}: numerical {_num(w.numerical)}, autograd "
+                        f"{_num(w.analytical)}, |diff| {_fmt(w.abs_error)} > tol {_fmt(w.tolerance)}"
+                    )
+            if r.note:
+                lines.append(f"  {r.name}: {r.note}")
+            if r.not_differentiable:
+                shown = ", ".join(element_name(r.name, i) for i in r.not_differentiable[:3])
+                more = f" and {r.excluded - 3} more" if r.excluded > 3 else ""
+                lines.append(f"  {r.name}: {r.excluded} element(s) not differentiable here (excluded): {shown}{more}")
+        return lines
+
+    def __str__(self) -> str:
+        opts = " ".join(f"{k}={v}" for k, v in self.options.items())
+        parts = [self.headline(), self.table(), *self.details(), *(f"  note: {n}" for n in self.notes)]
+        parts.append(f"Checked with: {opts} engine={self.engine}; {self.evaluations:,} evaluations in {self.seconds:.2f} s")
+        if not self.passed:
+            parts.append(_CAUSES)
+        return "\n".join(parts)
+
+
+for _cls in (ElementResult, ParameterResult, Report):
+    _cls.__module__ = "torchgradcheck"

@@ -1,0 +1,236 @@
+"""verify_module: the public entry point, and the only place errors gain the caller's context."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._batch import BatchError, Objective, check_loss, convert_batch, input_targets, module_is_lazy
+from ._check import Settings, measure, summarise
+from ._compare import relative_error
+from ._engines import Engine, LoopEngine, VmapEngine
+from ._errors import InvalidArgumentError, InvalidArgumentTypeError
+from ._noise import NOISE_POINTS, unit_roundoff
+from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
+from ._params import Lent, Target, lend_model, select_parameters
+from ._progress import progress_bar
+from ._report import ParameterResult, Report
+from ._state import preserved_global_state, reseed
+
+__all__ = ["verify_module"]
+
+_CALL = "verify_module(model, loss_fn, batch)"
+_OPTIONS = ("forward", "params", "inputs", "eps", "rtol", "atol", "dtype", "seed", "engine", "progress")
+
+
+def _dense_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
+    if grad is None:
+        return None
+    if grad.is_sparse:
+        grad = grad.to_dense()
+    return grad.detach().to(torch.float64).reshape(-1).clone()
+
+
+def _vmap_agrees(engine: VmapEngine, target: Target, loss0: torch.Tensor, slack: float) -> str | None:
+    """None if one unperturbed batched evaluation reproduces the plain loss; else why not."""
+    try:
+        value = engine.losses_along(target, torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype,
+                                                        device=target.tensor.device))[0]
+    except Exception as exc:  # vmap can't run this model: any error here means "use the loop"
+        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
+        return f"vmap could not run the model ({type(exc).__name__}: {first[:160]})"
+    if not abs(float(value) - float(loss0)) <= slack:
+        return f"vmap gave a different unperturbed loss ({float(value)!r} vs {float(loss0)!r})"
+    return None
+
+
+def verify_module(
+    model: nn.Module,
+    loss_fn: Callable[..., Any] | None = None,
+    batch: Any = None,
+    *,
+    forward: Callable[[nn.Module, Any], Any] | None = None,
+    params: str | Sequence[str] | None = None,
+    inputs: bool = False,
+    eps: float | None = None,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    dtype: torch.dtype | None = torch.float64,
+    seed: int = 0,
+    engine: str = "auto",
+    progress: bool | None = None,
+    **unknown: Any,
+) -> Report:
+    """Check `model`'s parameter gradients from ``loss.backward()`` against central differences.
+
+    Args:
+        model: the module to check. Its own Parameter objects are used (so their hooks fire), holding
+            `dtype` copies of their data during the check; everything is restored bit-exactly after.
+        loss_fn: called as ``loss_fn(model(inputs), target)`` or ``loss_fn(model(batch))``.
+        batch: a Tensor, a dict (keyword inputs), ``(inputs,)`` or ``(inputs, target)``; a tuple/list
+            ``inputs`` is unpacked as positional arguments, a dict as keyword arguments.
+        forward: instead of `loss_fn`, a callable ``forward(model, batch) -> loss`` for anything else.
+        params: names or glob patterns restricting the checked parameters (others listed as skipped).
+        inputs: also check the gradients w.r.t. the floating tensors of the batch.
+        eps: relative step; the step of element t is ``eps * max(1, |t|)``. Default per dtype (6e-6).
+        rtol: relative floor of each element's tolerance. Default per dtype (1e-6 in float64).
+        atol: absolute floor added to each element's tolerance (default 0: the noise estimate sets it).
+        dtype: checking precision (float64); None keeps the model's own dtype.
+        seed: the RNG seed set before every evaluation (dropout draws the same mask in each).
+        engine: "auto" (vmap, falling back to a loop), "vmap" or "loop".
+        progress: show a progress bar (None: when stderr is a terminal).
+
+    Returns:
+        A `Report`: ``report.passed``, one `ParameterResult` per parameter, ``str(report)`` a table.
+
+    Raises:
+        InvalidArgumentError / InvalidArgumentTypeError: a bad argument or loss (the message says the fix).
+
+    Example:
+        >>> report = verify_module(nn.Linear(3, 2), nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
+        >>> report.passed
+        True
+    """
+    start = time.perf_counter()
+    reject_unknown("verify_module", unknown, _OPTIONS)
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentTypeError(
+            f"{_CALL}: expected a torch.nn.Module but got model={model!r} (type={type(model).__name__}); "
+            "to check a plain function use verify_function."
+        )
+    if forward is None:
+        if not callable(loss_fn):
+            raise InvalidArgumentTypeError(
+                f"{_CALL}: loss_fn must be callable (e.g. nn.MSELoss()) but got loss_fn={loss_fn!r}; "
+                "or pass forward=lambda model, batch: <loss>."
+            )
+    elif not callable(forward):
+        raise InvalidArgumentTypeError(f"{_CALL}: forward= must be a callable (model, batch) -> loss, got {forward!r}.")
+    if not isinstance(inputs, bool):
+        raise InvalidArgumentTypeError(f"{_CALL}: inputs= must be True or False, got {inputs!r}.")
+    validate_common("verify_module", eps=eps, rtol=rtol, atol=atol, dtype=dtype, seed=seed, engine=engine)
+    patterns = validate_patterns("verify_module", params)
+    if module_is_lazy(model):
+        raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
+    checked, skipped = select_parameters(model, patterns)
+    if patterns is not None:
+        names = [n for n, _ in checked] + [n for n, _ in skipped]
+        import fnmatch
+
+        for p in patterns:
+            if not any(fnmatch.fnmatchcase(n, p) for n in names):
+                raise InvalidArgumentError(f"{_CALL}: params={p!r} matches no parameter; names are {names[:10]}.")
+    if not checked and not inputs:
+        raise InvalidArgumentError(
+            f"{_CALL}: the model has no trainable floating parameters to check "
+            f"(skipped: {skipped or 'none'}); set requires_grad=True, or pass inputs=True."
+        )
+    try:
+        converted = convert_batch(batch, dtype)
+        objective = Objective(loss_fn, converted, forward)
+    except BatchError as exc:
+        raise InvalidArgumentError(f"{_CALL}: {exc}; fix the batch, or pass forward=.") from None
+    with preserved_global_state(), lend_model(model, dtype) as lent:
+        return _run(lent, objective, checked, skipped, inputs, eps, rtol, atol, dtype, seed, engine, progress, start)
+
+
+def _analytical(lent: Lent, objective: Objective, targets: list[Target], seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    for t in targets:
+        if t.kind == "input":
+            t.tensor.requires_grad_(True)
+    torch.set_grad_enabled(True)
+    lent.reset_buffers()
+    reseed(seed)
+    try:
+        loss = check_loss(objective(lent.model))
+    except BatchError as exc:
+        raise InvalidArgumentError(f"{_CALL}: {exc}.") from None
+    if not loss.requires_grad:
+        raise InvalidArgumentError(
+            f"{_CALL}: the loss does not require grad: nothing connects it to the checked parameters "
+            "(computed under torch.no_grad(), or detached?)."
+        )
+    loss.backward()
+    grads = {t.name: _dense_grad(t.param.grad if t.param is not None else None) for t in targets}
+    lent.clear_grads()
+    for t in targets:
+        if t.kind == "input":
+            t.tensor.requires_grad_(False)
+            t.tensor.grad = None
+    torch.set_grad_enabled(False)
+    return loss.detach().to(torch.float64), grads
+
+
+def _run(lent: Lent, objective: Objective, checked: list[tuple[str, nn.Parameter]], skipped: list[tuple[str, str]],
+         inputs: bool, eps: float | None, rtol: float | None, atol: float, dtype: torch.dtype | None, seed: int,
+         engine_name: str, progress: bool | None, start: float) -> Report:
+    if dtype == torch.float64:
+        torch.set_default_dtype(torch.float64)
+    targets = [Target(name, p.data, kind="parameter", param=p) for name, p in checked]
+    if inputs:
+        targets += input_targets(objective.batch)
+    work_dtype = targets[0].tensor.dtype if targets else torch.float64
+    eps_, rtol_ = resolve_tolerances(dtype or work_dtype, eps, rtol)
+    loss0, grads = _analytical(lent, objective, targets, seed)
+    notes: list[str] = []
+    total = sum(2 * t.tensor.numel() + NOISE_POINTS for t in targets)
+    with progress_bar(total, progress, "verify_module") as tick:
+        loop = LoopEngine(lent, objective, seed, tick)
+        twice = (loop.loss(), loop.loss())
+        nondet = abs(float(twice[0]) - float(twice[1]))
+        if nondet > 0:
+            notes.append(
+                f"the forward is nondeterministic beyond torch's RNG: two identical evaluations differ by "
+                f"{nondet:.2e}; tolerances widened by this noise"
+            )
+        u = unit_roundoff(work_dtype)
+        slack = 1e4 * u * abs(float(loss0)) + 10 * nondet
+        engine: Engine = loop
+        if engine_name in ("auto", "vmap") and targets:
+            vm = VmapEngine(lent, objective, seed, tick)
+            why = _vmap_agrees(vm, targets[0], twice[0], slack)
+            if why is None:
+                engine = vm
+            elif engine_name == "vmap":
+                raise InvalidArgumentError(f"{_CALL}: engine='vmap' is not usable here: {why}; use engine='auto'.")
+            else:
+                notes.append(f"engine: loop, because {why}")
+        generator = torch.Generator().manual_seed(seed)
+        settings = Settings(eps=eps_, rtol=rtol_, atol=atol)
+        results: list[ParameterResult] = []
+        all_a, all_n = [], []
+        for t in targets:
+            a = grads[t.name]
+            has_grad = a is not None
+            if a is None:
+                a = torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
+            try:
+                check = measure(engine, t, a, loss0, nondet, settings, generator)
+            except Exception as exc:
+                if engine is loop or engine_name == "vmap":
+                    raise
+                notes.append(f"engine: loop from {t.name} on, because vmap failed ({type(exc).__name__})")
+                engine = loop
+                check = measure(engine, t, a, loss0, nondet, settings, generator)
+            results.append(summarise(t, check, has_grad))
+            all_a.append(check.analytical[~check.kink])
+            all_n.append(check.numerical[~check.kink])
+    evaluations = loop.evaluations + (engine.evaluations if engine is not loop else 0)
+    results += [ParameterResult(name=n, shape=tuple(p.shape), status="skipped", note=why)
+                for (n, why), p in zip(skipped, _params_by_name(lent.model, [n for n, _ in skipped]))]
+    overall = relative_error(torch.cat(all_a), torch.cat(all_n)) if all_a else 0.0
+    device = targets[0].tensor.device if targets else torch.device("cpu")
+    options = {"dtype": str(dtype or work_dtype).replace("torch.", ""), "device": str(device),
+               "eps": eps_, "rtol": rtol_, "atol": atol, "seed": seed, "mode": "full"}
+    return Report(call="verify_module", results=tuple(results), relative_error=overall, options=options,
+                  evaluations=evaluations, seconds=time.perf_counter() - start, engine=engine.name,
+                  notes=tuple(notes))
+
+
+def _params_by_name(model: nn.Module, names: list[str]) -> list[torch.Tensor]:
+    table = dict(model.named_parameters(remove_duplicate=False))
+    return [table[n] for n in names]

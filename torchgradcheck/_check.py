@@ -17,7 +17,7 @@ from ._engines import Engine
 from ._finite_diff import first_pass, second_look
 from ._noise import estimate_noise, unit_roundoff
 from ._params import Target
-from ._report import ElementResult, ParameterResult
+from ._report import ElementErrors, ElementResult, ParameterResult
 
 __all__ = ["Settings", "TensorCheck", "measure", "summarise"]
 
@@ -115,5 +115,14 @@ def summarise(target: Target, check: TensorCheck, has_grad: bool) -> ParameterRe
         name=target.name, shape=shape, status=status, relative_error=rel,
         max_abs_error=float(err[judged].max()) if bool(judged.any()) else None,
         checked=int(judged.sum()), failed=failed, worst=worst, not_differentiable=kink_index,
-        noise=check.sigma, kind=target.kind, note=note,
+        noise=check.sigma, kind=target.kind, note=note, errors=_element_errors(err, tol, kink),
     )
+
+
+KEEP_ELEMENTS = 1_000_000  # per-element errors are kept for pictures only up to this many elements (8 MB)
+
+
+def _element_errors(err: torch.Tensor, tol: torch.Tensor, kink: torch.Tensor) -> ElementErrors | None:
+    if err.numel() > KEEP_ELEMENTS:
+        return None
+    return ElementErrors(err.float().cpu().numpy(), tol.float().cpu().numpy(), kink.cpu().numpy())

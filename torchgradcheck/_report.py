@@ -55,6 +55,15 @@ class ElementResult:
 
 
 @dataclass(frozen=True)
+class ElementErrors:
+    """Per-element outcome of one tensor, flat float32 numpy arrays, kept only for pictures (`Report.plot`)."""
+
+    abs_error: Any  # |autograd - numerical|
+    tolerance: Any
+    excluded: Any  # bool: not differentiable here (kink), excluded from the verdict
+
+
+@dataclass(frozen=True)
 class ParameterResult:
     """The verdict for one tensor (a parameter, a batch input, or an input of a function)."""
 
@@ -70,6 +79,8 @@ class ParameterResult:
     noise: float | None = None  # measured noise (std) of the loss while moving this tensor
     kind: str = "parameter"
     note: str = ""
+    # Every element's |a - n| and tolerance, for `Report.plot`; None for large tensors. Not in to_dict/str.
+    errors: ElementErrors | None = field(default=None, repr=False, compare=False)
 
     @property
     def passed(self) -> bool:
@@ -120,6 +131,7 @@ class Report:
         out["passed"] = self.passed
         for res, d in zip(self.results, out["results"]):
             d["passed"] = res.passed
+            d.pop("errors", None)  # arrays for pictures, not data for machines
         return clean(out)
 
     def assert_passed(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -200,6 +201,16 @@ class Report:
         if not self.passed:
             parts.append(_CAUSES)
         return "\n".join(parts)
+
+    def plot(self, path: str | os.PathLike[str] | None = None, *, max_heatmaps: int = 3) -> Any:
+        """Draw error / tolerance of every element per tensor, and a heatmap of |a - n| per failing tensor.
+
+        Needs matplotlib (``pip install torchgradcheck[plot]``). Returns the matplotlib Figure; saves it
+        to `path` if given (the suffix picks the format). See `torchgradcheck._plot.plot_report`.
+        """
+        from ._plot import plot_report
+
+        return plot_report(self, path, max_heatmaps=max_heatmaps)
 
 
 for _cls in (ElementResult, ParameterResult, Report):

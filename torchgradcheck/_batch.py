@@ -81,6 +81,8 @@ class Objective:
         self.loss_fn = loss_fn
         self.batch = batch
         self.forward = forward
+        if forward is None and batch is None:
+            raise BatchError("no batch was given (batch=None); pass the model's inputs, e.g. (x, y) or x")
         if forward is None and isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
             if len(batch) not in (1, 2):
                 raise BatchError(

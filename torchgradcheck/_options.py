@@ -29,33 +29,43 @@ def reject_unknown(call: str, unknown: dict[str, Any], known: Iterable[str]) -> 
     )
 
 
-def _number(call: str, name: str, value: Any, positive: bool) -> float:
+def _number(call: str, name: str, value: Any, positive: bool, fix: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise InvalidArgumentTypeError(f"{call}: expected a number for {name}= but got {value!r} (type={type(value).__name__}).")
+        raise InvalidArgumentTypeError(
+            f"{call}: expected a number for {name}= but got {value!r} (type={type(value).__name__}); {fix}."
+        )
     value = float(value)
     if not math.isfinite(value) or value < 0 or (positive and value == 0):
         need = "> 0" if positive else ">= 0"
-        raise InvalidArgumentError(f"{call}: {name}={value!r} must be finite and {need}.")
+        raise InvalidArgumentError(f"{call}: {name}={value!r} must be finite and {need}; {fix}.")
     return value
+
+
+_EPS_FIX = "pass a relative step such as eps=1e-6, or leave eps unset for the per-dtype default"
+_RTOL_FIX = "pass e.g. rtol=1e-3 to loosen the check, or leave rtol unset for the per-dtype default"
+_ATOL_FIX = "pass e.g. atol=1e-8 to loosen the check, or leave atol at its default 0"
 
 
 def validate_common(
     call: str, *, eps: Any, rtol: Any, atol: Any, dtype: Any, seed: Any, engine: Any
 ) -> None:
+    """Raise InvalidArgumentError / InvalidArgumentTypeError for the first bad option, naming the fix."""
     if eps is not None:
-        _number(call, "eps", eps, positive=True)
+        _number(call, "eps", eps, positive=True, fix=_EPS_FIX)
         if eps >= 1:
-            raise InvalidArgumentError(f"{call}: eps={eps!r} is a relative step and must be < 1 (e.g. eps=1e-6).")
+            raise InvalidArgumentError(
+                f"{call}: eps={eps!r} is a relative step and must be < 1; {_EPS_FIX}."
+            )
     if rtol is not None:
-        _number(call, "rtol", rtol, positive=False)
-    _number(call, "atol", atol, positive=False)
+        _number(call, "rtol", rtol, positive=False, fix=_RTOL_FIX)
+    _number(call, "atol", atol, positive=False, fix=_ATOL_FIX)
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype in DTYPE_DEFAULTS):
         raise InvalidArgumentError(
             f"{call}: dtype={dtype!r} is not supported; use one of "
             f"{[str(d) for d in DTYPE_DEFAULTS]}, or dtype=None to keep the tensors' own dtype."
         )
     if isinstance(seed, bool) or not isinstance(seed, int):
-        raise InvalidArgumentTypeError(f"{call}: seed={seed!r} must be an int.")
+        raise InvalidArgumentTypeError(f"{call}: seed={seed!r} must be an int, e.g. seed=0.")
     if engine not in ENGINES:
         raise InvalidArgumentError(f"{call}: unknown engine={engine!r}; valid options are {list(ENGINES)}.")
 

@@ -21,6 +21,9 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rtol", type=float, default=None, help="relative floor of the tolerance")
     p.add_argument("--atol", type=float, default=0.0, help="absolute floor of the tolerance")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.add_argument("--plot", metavar="PATH", default=None,
+                   help="also draw the report (error / tolerance per tensor, heatmaps of failing tensors) to PATH; "
+                   "needs matplotlib (pip install torchgradcheck[plot])")
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
@@ -31,15 +34,30 @@ def _print(report: Any, as_json: bool) -> None:
     print(json.dumps(report.to_dict(), indent=2) if as_json else str(report))
 
 
+def _plot(report: Any, path: str | None, case: int | None = None) -> None:
+    """Draw `report` to `path` (``out.png`` -> ``out-1.png`` for demo case 1); the note goes to stderr."""
+    if path is None:
+        return
+    if case is not None:
+        file = Path(path)
+        path = str(file.with_name(f"{file.stem}-{case}{file.suffix or '.png'}"))
+    try:
+        report.plot(path)
+    except ImportError as exc:
+        raise SystemExit(f"torchgradcheck: --plot: {exc}") from None
+    print(f"plot written to {path}", file=sys.stderr)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from ._demo import demo_cases
     from ._verify import verify_module
 
     ok = True
-    for title, model, loss_fn, batch, expected in demo_cases():
+    for case, (title, model, loss_fn, batch, expected) in enumerate(demo_cases(), 1):
         print(f"== {title} (expected: {'pass' if expected else 'fail'})")
         report = verify_module(model, loss_fn, batch, **_options(args))
         _print(report, args.json)
+        _plot(report, args.plot, case)
         print()
         ok &= report.passed == expected
     print("demo: both verdicts as expected" if ok else "demo: UNEXPECTED verdict")
@@ -75,6 +93,7 @@ def _check(args: argparse.Namespace) -> int:
     else:
         raise SystemExit("torchgradcheck check: the factory must return (model, loss_fn, batch) or a dict of arguments")
     _print(report, args.json)
+    _plot(report, args.plot)
     return 0 if report.passed else 1
 
 

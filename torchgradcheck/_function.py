@@ -1,0 +1,451 @@
+"""verify_function: check a callable of tensors (a custom autograd.Function, a hand-written backward).
+
+The callable becomes a small private module so the `verify_module` engine can run on it unchanged:
+
+* every argument tensor with ``requires_grad=True`` is copied into float64 and held as a Parameter
+  ("slot") of `_Call`; `_Call.forward` calls ``fn`` with the slots substituted, every other argument
+  passed as given (floating tensors as float64 copies, so dtypes match). The caller's tensors are
+  never handed to ``fn``, never converted, never written to;
+* each floating output ``k`` is reduced to a scalar with a fixed random cotangent,
+  ``objective_k = sum(v_k * out_k)``, and checked as a loss: its gradient is the vector-Jacobian
+  product ``J_k^T v_k``, so one backward per output covers the whole Jacobian at a cost linear in the
+  input size, and a backward that ignores (or mis-scales) one output's gradient is caught;
+* ``_params.lend_model`` / ``_engines`` / ``_check.measure`` / ``_check.summarise`` then do what they
+  do for `verify_module`, with the same tolerance model, and produce one `ParameterResult` per
+  (output, input) pair, named like ``grad of output 1 w.r.t. w``.
+
+The extra checks (second order, forward mode, non-contiguous inputs, determinism, the metadata of
+what ``backward`` returns) live in `_function_extras`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._check import Settings, measure, summarise
+from ._compare import relative_error
+from ._engines import Engine, LoopEngine, VmapEngine
+from ._errors import InvalidArgumentError, InvalidArgumentTypeError
+from ._batch import Objective
+from ._function_extras import (
+    Extras,
+    check_forward_mode,
+    check_noncontiguous,
+    determinism_results,
+    float_outputs,
+    once_differentiable_nodes,
+    spy_backward,
+    vjp_at,
+)
+from ._function_second import check_second_order
+from ._noise import NOISE_POINTS, unit_roundoff
+from ._options import resolve_tolerances, validate_common
+from ._params import Lent, Target, lend_model
+from ._progress import progress_bar
+from ._report import ParameterResult, Report
+from ._state import preserved_global_state, reseed
+from ._verify import _vmap_agrees
+
+__all__ = ["verify_function"]
+
+_CALL = "verify_function(fn, *args, **kwargs)"
+OPTIONS = ("eps", "rtol", "atol", "nondet_tol", "seed", "engine", "second_order", "forward_mode",
+           "noncontiguous", "progress")
+DTYPE = torch.float64
+
+
+@dataclasses.dataclass
+class _Slot:
+    """Placeholder in the argument tree for a checked input; `_Call` fills in its Parameter."""
+
+    key: str  # attribute name in `_Call` (``in0``, ``in1``, ...)
+    name: str  # the name shown to the user (``w``, ``args[2]``, ``scale``)
+    original: torch.Tensor
+    expanded: bool
+
+
+def _fill(tree: Any, values: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, _Slot):
+        return values[tree.key]
+    if isinstance(tree, dict):
+        return {k: _fill(v, values) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        items = [_fill(v, values) for v in tree]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return tree
+
+
+class _Call(nn.Module):
+    """``fn`` with its checked inputs as Parameters (``in0``, ``in1``, ...) and every other argument fixed."""
+
+    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, slots: list[_Slot]) -> None:
+        super().__init__()
+        owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
+        if isinstance(owner, nn.Module):
+            self.owner = owner  # lent with the rest: its parameters are float64 during the check
+        object.__setattr__(self, "fn", fn)
+        self.args, self.kwargs, self.slots = args, kwargs, slots
+        for s in slots:
+            self.register_parameter(s.key, nn.Parameter(s.original.detach().to(DTYPE, copy=True).contiguous()))
+
+    def leaves(self) -> dict[str, torch.Tensor]:
+        return {s.key: getattr(self, s.key) for s in self.slots}
+
+    def call_with(self, values: dict[str, torch.Tensor]) -> Any:
+        return self.fn(*_fill(self.args, values), **_fill(self.kwargs, values))
+
+    def forward(self) -> Any:
+        return self.call_with(self.leaves())
+
+
+def _signature(fn: Callable[..., Any]) -> inspect.Signature | None:
+    """The signature naming ``fn``'s inputs: a Function's ``forward`` (less ctx), a module's ``forward``."""
+    target: Any = fn
+    cls = getattr(fn, "__self__", None)
+    drop_ctx = False
+    if isinstance(cls, type) and issubclass(cls, torch.autograd.Function):
+        target = cls.forward
+        drop_ctx = cls.setup_context is torch.autograd.Function.setup_context  # old style: forward(ctx, ...)
+    elif isinstance(fn, nn.Module):
+        target = fn.forward
+    try:
+        sig = inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+    if drop_ctx:
+        sig = sig.replace(parameters=list(sig.parameters.values())[1:])
+    return sig
+
+
+def _argument_names(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[list[str], dict[str, str]]:
+    """Display names of the positional and keyword arguments, from ``fn``'s signature where it has one."""
+    pos = [f"args[{i}]" for i in range(len(args))]
+    kw = {k: k for k in kwargs}
+    sig = _signature(fn)
+    if sig is None:
+        return pos, kw
+    try:
+        bound = sig.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InvalidArgumentTypeError(f"{_CALL}: fn{sig} does not accept these arguments: {exc}.") from None
+    i = 0
+    for name, value in bound.arguments.items():
+        kind = sig.parameters[name].kind
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            for j in range(len(value)):
+                pos[i] = f"{name}[{j}]"
+                i += 1
+        elif kind is not inspect.Parameter.VAR_KEYWORD and name not in kwargs and i < len(args):
+            pos[i] = name
+            i += 1
+    return pos, kw
+
+
+def _reject_typos(fn: Callable[..., Any], kwargs: dict) -> None:
+    """A keyword meant as an option (``second_ordr=False``) would silently go to ``fn``: refuse it."""
+    sig = _signature(fn)
+    named = set(sig.parameters) if sig is not None else set()
+    open_ended = sig is None or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())
+    for key, value in kwargs.items():
+        if key in named:
+            continue
+        close = difflib.get_close_matches(key, OPTIONS, n=1, cutoff=0.75)
+        if close or not open_ended:
+            hint = f" Did you mean {close[0]}=?" if close else ""
+            raise InvalidArgumentTypeError(
+                f"{_CALL}: unknown keyword {key}={value!r}: it is not an option of verify_function "
+                f"(options: {sorted(OPTIONS)}), and fn does not name such a parameter.{hint}"
+            )
+
+
+def _convert(tree: Any, name: str, slots: list[_Slot]) -> Any:
+    """Checked tensors become `_Slot`s; other floating tensors float64 copies; anything else unchanged."""
+    if isinstance(tree, torch.Tensor):
+        if tree.requires_grad and tree.is_complex():
+            raise InvalidArgumentError(f"{_CALL}: {name} is complex; complex inputs are not supported yet.")
+        if tree.requires_grad and tree.is_floating_point():
+            if not bool(torch.isfinite(tree.detach()).all()):
+                raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
+            expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
+            slots.append(_Slot(f"in{len(slots)}", name, tree, expanded))
+            return slots[-1]
+        if tree.is_floating_point():
+            return tree.detach().to(DTYPE, copy=True)
+        return tree
+    if isinstance(tree, dict):
+        return {k: _convert(v, f"{name}[{k!r}]", slots) for k, v in tree.items()}
+    if isinstance(tree, (tuple, list)):
+        items = [_convert(v, f"{name}[{i}]", slots) for i, v in enumerate(tree)]
+        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    return tree
+
+
+def _validate(fn: Any, args: tuple, kwargs: dict, options: dict[str, Any]) -> None:
+    if not callable(fn):
+        raise InvalidArgumentTypeError(
+            f"{_CALL}: fn must be callable (e.g. MyFunction.apply) but got fn={fn!r} (type={type(fn).__name__})."
+        )
+    validate_common("verify_function", eps=options["eps"], rtol=options["rtol"], atol=options["atol"],
+                    dtype=DTYPE, seed=options["seed"], engine=options["engine"])
+    for flag in ("second_order", "forward_mode", "noncontiguous"):
+        if not isinstance(options[flag], bool):
+            raise InvalidArgumentTypeError(f"{_CALL}: {flag}= must be True or False, got {options[flag]!r}.")
+    tol = options["nondet_tol"]
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
+        raise InvalidArgumentError(f"{_CALL}: nondet_tol={tol!r} must be a number >= 0.")
+    _reject_typos(fn, kwargs)
+
+
+def verify_function(
+    fn: Callable[..., Any],
+    /,
+    *args: Any,
+    eps: float | None = None,
+    rtol: float | None = None,
+    atol: float = 0.0,
+    nondet_tol: float = 0.0,
+    seed: int = 0,
+    engine: str = "auto",
+    second_order: bool = True,
+    forward_mode: bool = True,
+    noncontiguous: bool = True,
+    progress: bool | None = None,
+    **kwargs: Any,
+) -> Report:
+    """Check the gradients of ``fn(*args, **kwargs)`` w.r.t. its inputs that require grad.
+
+    Every floating output is projected on a fixed random cotangent ``v_k`` and the vector-Jacobian
+    product from ``backward`` is compared, element by element, with central differences in float64
+    (the tolerance model of `verify_module`). Then, by default: second derivatives (double backward)
+    when the backward is differentiable, the ``jvp`` (forward mode) when one is defined, the backward
+    on non-contiguous (transposed/strided) copies of the inputs, and determinism (backward run twice).
+
+    Options are keyword-only and their names are reserved: every other keyword goes to ``fn``. A
+    keyword that ``fn`` does not name and that looks like an option (``second_ordr=``) is an error.
+    To pass ``fn`` a keyword with a reserved name (``fn(x, eps=0.1)``), wrap it:
+    ``verify_function(lambda x: fn(x, eps=0.1), x)``.
+
+    Args:
+        fn: any callable of tensors: ``MyFunction.apply``, a function built on one, a module.
+        *args: positional arguments of ``fn``. Tensors with ``requires_grad=True`` (top level or in
+            tuples/lists/dicts) are checked, as float64 copies; other floating tensors are passed as
+            float64 copies; integer tensors and non-tensors unchanged. The caller's tensors are never
+            modified or converted, even if ``fn`` raises.
+        eps: relative step; the step of element t is ``eps * max(1, |t|)`` (default 6e-6).
+        rtol: relative floor of each element's tolerance (default 1e-6).
+        atol: absolute floor added to each element's tolerance (default 0: the measured noise sets it).
+        nondet_tol: allowed difference between two runs of the backward (default 0: bit-identical).
+        seed: the RNG seed set before every evaluation, and the seed of the random cotangents.
+        engine: "auto" (vmap, falling back to a loop), "vmap" or "loop".
+        second_order: also check second derivatives (``x -> vjp(x, v)``) when the backward is differentiable.
+        forward_mode: also check ``jvp`` (forward-mode AD) where ``fn`` supports it.
+        noncontiguous: also run the backward on non-contiguous copies of the inputs.
+        progress: show a progress bar (None: when stderr is a terminal).
+        **kwargs: keyword arguments of ``fn``, treated like ``args``.
+
+    Returns:
+        A `Report` (``call="verify_function"``): one `ParameterResult` per (output, input) pair named
+        ``grad of output 1 w.r.t. w`` (``grad w.r.t. w`` for a single output), then the rows of the
+        extra checks (``2nd order: ...``, ``jvp of ...``, ``non-contiguous: ...``, ``determinism: ...``).
+
+    Raises:
+        InvalidArgumentTypeError: ``fn`` is not callable, an option has the wrong type, or a keyword is unknown.
+        InvalidArgumentError: no input requires grad, ``fn`` returns nothing differentiable, a bad option.
+
+    Example:
+        >>> x = torch.randn(4, 3, requires_grad=True)
+        >>> w = torch.randn(2, 3, requires_grad=True)
+        >>> verify_function(lambda x, w: x @ w.T, x, w).passed
+        True
+    """
+    start = time.perf_counter()
+    options = {"eps": eps, "rtol": rtol, "atol": atol, "nondet_tol": nondet_tol, "seed": seed, "engine": engine,
+               "second_order": second_order, "forward_mode": forward_mode, "noncontiguous": noncontiguous}
+    _validate(fn, args, kwargs, options)
+    pos_names, kw_names = _argument_names(fn, args, kwargs)
+    slots: list[_Slot] = []
+    conv_args = tuple(_convert(a, n, slots) for a, n in zip(args, pos_names))
+    conv_kwargs = {k: _convert(v, kw_names[k], slots) for k, v in kwargs.items()}
+    if not slots:
+        raise InvalidArgumentError(
+            f"{_CALL}: no input requires grad, so there is nothing to check; mark the inputs to check "
+            "with x.requires_grad_() (integer tensors and tensors without requires_grad are passed through)."
+        )
+    call = _Call(fn, conv_args, conv_kwargs, slots)
+    eps_, rtol_ = resolve_tolerances(DTYPE, eps, rtol)
+    settings = Settings(eps=eps_, rtol=rtol_, atol=float(atol))
+    with preserved_global_state(), lend_model(call, DTYPE) as lent:
+        torch.set_default_dtype(DTYPE)
+        return _run(call, lent, settings, options, progress, start)
+
+
+def _objective(k: int, v: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
+    """``forward(model, batch)`` for the Objective: ``sum(v * out_k)`` of whatever module is passed in."""
+
+    def forward(model: Any, _: Any) -> torch.Tensor:
+        outs = dict(float_outputs(model()))
+        return (v * outs[k].to(DTYPE)).sum()
+
+    return forward
+
+
+def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]]]:
+    """The first call of ``fn`` (with grad): its raw result and its floating outputs, validated."""
+    with torch.enable_grad():
+        reseed(seed)
+        raw = call()
+    outs = float_outputs(raw)
+    if not outs:
+        raise InvalidArgumentError(
+            f"{_CALL}: fn returned nothing differentiable (a {type(raw).__name__}); it must return a "
+            "floating Tensor or a tuple/list containing some."
+        )
+    if not any(t.requires_grad for _, t in outs):
+        raise InvalidArgumentError(
+            f"{_CALL}: no output of fn requires grad: nothing connects the outputs to the inputs "
+            "(computed under torch.no_grad(), or detached?)."
+        )
+    for i, t in outs:
+        if not bool(torch.isfinite(t.detach()).all()):
+            raise InvalidArgumentError(f"{_CALL}: output {i} of fn is not finite at the given inputs.")
+    return raw, outs
+
+
+def _pick_engine(lent: Lent, objective: Objective, target: Target, seed: int, tick: Any, wanted: str,
+                 loss0: torch.Tensor, nondet: float, loop: LoopEngine, notes: list[str]) -> Engine:
+    """vmap if it runs ``fn`` and reproduces the plain loss (as in `verify_module`), else the loop."""
+    if wanted == "loop":
+        return loop
+    vm = VmapEngine(lent, objective, seed, tick)
+    why = _vmap_agrees(vm, target, loss0, 1e4 * unit_roundoff(DTYPE) * abs(float(loss0)) + 10 * nondet)
+    if why is None:
+        return vm
+    if wanted == "vmap":
+        raise InvalidArgumentError(f"{_CALL}: engine='vmap' is not usable here: {why}; use engine='auto'.")
+    note = f"engine: loop, because {why}"
+    if note not in notes:
+        notes.append(note)
+    return loop
+
+
+def _bad_returns(ex: Extras, found: dict[str, tuple[str, str]], results: list[ParameterResult],
+                 pairs: list[tuple[int, str]]) -> list[ParameterResult]:
+    """Mark the rows of inputs whose gradient ``backward`` returned with a wrong dtype/shape/device."""
+    out = []
+    for (_, key), r in zip(pairs, results):
+        if key in found:
+            status, note = found[key]
+            r = dataclasses.replace(r, status=status, note=note)
+        out.append(r)
+    return out
+
+
+def _raised_report(call: _Call, found: dict[str, tuple[str, str]], exc: Exception, start: float) -> Report:
+    """Autograd refused what backward returned (shape/device): report it by input name."""
+    rows = []
+    for s in call.slots:
+        if s.key in found:
+            status, note = found[s.key]
+        else:
+            status, note = "skipped", "not checked: the backward raised (see the other rows)"
+        rows.append(ParameterResult(name=f"grad w.r.t. {s.name}", shape=tuple(s.original.shape), status=status,
+                                    kind="input", note=note))
+    first = (str(exc).splitlines() or [""])[0][:200]
+    return Report(call="verify_function", results=tuple(rows), relative_error=float("nan"),
+                  options={"dtype": "float64"}, seconds=time.perf_counter() - start,
+                  notes=(f"autograd raised {type(exc).__name__}: {first}",))
+
+
+def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], progress: bool | None,
+         start: float) -> Report:
+    seed = options["seed"]
+    generator = torch.Generator().manual_seed(seed)
+    raw, outs = _outputs(call, seed)
+    several = len(outs) > 1 or isinstance(raw, (tuple, list))
+    cotangents = {k: torch.randn(t.shape, generator=generator, dtype=DTYPE).to(t.device) for k, t in outs}
+    found: dict[str, tuple[str, str]] = {}
+    names = {s.key: s.name for s in call.slots}
+    leaves = call.leaves()
+    try:
+        losses, grads = vjp_at(call, leaves, cotangents, seed,
+                               before_backward=lambda o: spy_backward(list(o.values()), leaves, names, found))
+    except RuntimeError as exc:
+        if not found:
+            raise
+        return _raised_report(call, found, exc, start)
+    torch.set_grad_enabled(False)
+    notes = [f"{s.name} is an expanded tensor (overlapping memory): its elements were checked as independent "
+             "values of a contiguous copy" for s in call.slots if s.expanded]
+    results: list[ParameterResult] = []
+    pairs: list[tuple[int, str]] = []
+    checks: dict[tuple[int, str], Any] = {}
+    evaluations = 0
+    engines = set()
+    ex = Extras(call=call, cotangents=cotangents, grads=grads, checks=checks, settings=settings, seed=seed,
+                generator=generator, several=several, notes=notes)
+    total = sum(len(cotangents) * (2 * s.original.numel() + NOISE_POINTS) for s in call.slots)
+    with progress_bar(total, progress, "verify_function") as bar:
+        tick = bar.update
+        for k, v in cotangents.items():
+            objective = Objective(None, None, _objective(k, v))
+            loop = LoopEngine(lent, objective, seed, tick)
+            twice = (loop.loss(), loop.loss())
+            nondet = abs(float(twice[0]) - float(twice[1]))
+            if nondet > 0:
+                notes.append(f"the forward of {ex.output(k)} is nondeterministic: two identical evaluations "
+                             f"differ by {nondet:.2e}; tolerances widened by this noise")
+            for s in call.slots:
+                param = getattr(call, s.key)
+                target = Target(s.key, param.data, kind="parameter", param=param)
+                engine = _pick_engine(lent, objective, target, seed, tick, options["engine"], losses[k], nondet,
+                                      loop, notes)
+                a = grads[k][s.key]
+                flat = torch.zeros(param.numel(), dtype=DTYPE, device=param.device) if a is None else a
+                check = measure(engine, target, flat, losses[k], nondet, settings, generator)
+                checks[(k, s.key)] = check
+                if engine is not loop:
+                    evaluations += engine.evaluations
+                engines.add(engine.name)
+                res = summarise(target, check, a is not None)
+                results.append(dataclasses.replace(res, name=ex.pair(k, s.name), kind="input"))
+                pairs.append((k, s.key))
+            evaluations += loop.evaluations
+    results = _bad_returns(ex, found, results, pairs)
+    if options["second_order"]:
+        if not all(r.passed for r in results):
+            notes.append("second order: not checked, because the first derivatives already disagree")
+        else:
+            once = once_differentiable_nodes([t for _, t in _outputs(call, seed)[1]])
+            if once:
+                notes.append(f"second order: not checked: the backward of {', '.join(sorted(once))} is "
+                             "@once_differentiable (information, not a failure)")
+            else:
+                more, n_eval = check_second_order(ex, lent)
+                results += more
+                evaluations += n_eval
+    else:
+        notes.append("second order: off (second_order=False)")
+    if options["forward_mode"]:
+        results += check_forward_mode(ex)
+    else:
+        notes.append("forward mode: off (forward_mode=False)")
+    if options["noncontiguous"]:
+        results += check_noncontiguous(ex)
+    else:
+        notes.append("non-contiguous inputs: off (noncontiguous=False)")
+    results += determinism_results(ex, options["nondet_tol"])
+    kept = [(c.analytical[~c.kink], c.numerical[~c.kink]) for c in checks.values()]
+    overall = relative_error(torch.cat([a for a, _ in kept]), torch.cat([n for _, n in kept]))
+    opts = {"dtype": "float64", "device": str(call.slots[0].original.device), "eps": settings.eps,
+            "rtol": settings.rtol, "atol": settings.atol, "seed": seed, "mode": "full"}
+    return Report(call="verify_function", results=tuple(results), relative_error=overall, options=opts,
+                  evaluations=evaluations + ex.evaluations, seconds=time.perf_counter() - start,
+                  engine="vmap" if engines == {"vmap"} else "loop", notes=tuple(notes))

@@ -1,0 +1,344 @@
+"""The checks verify_function runs besides the first derivatives.
+
+* `spy_backward`: what a custom Function's ``backward`` returns, before autograd silently casts it
+  (dtype) or reduces it (broadcast shape): a float32 gradient for a float64 input is reported by name;
+* `once_differentiable_nodes`: Functions whose backward is marked ``@once_differentiable``
+  (second derivatives are then skipped with a note, not failed);
+* `check_forward_mode`: ``jvp`` (forward-mode AD) against a numerical directional derivative,
+  element by element over the outputs, with the same tolerance model as the gradients;
+* `check_noncontiguous`: the backward on transposed/strided copies of the inputs, judged against the
+  numerical gradient already measured (same values, other memory layout: same Jacobian);
+* `determinism_results`: the backward run a second time, compared with the first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch.autograd.function import once_differentiable
+
+from ._check import Settings, TensorCheck, summarise
+from ._compare import first_tolerance, judge_second_look
+from ._noise import NOISE_POINTS, unit_roundoff
+from ._params import Target
+from ._report import ParameterResult
+from ._state import reseed
+
+__all__ = [
+    "Extras",
+    "check_forward_mode",
+    "check_noncontiguous",
+    "determinism_results",
+    "float_outputs",
+    "once_differentiable_nodes",
+    "spy_backward",
+    "vjp_at",
+]
+
+DTYPE = torch.float64
+_ONCE_CODE = once_differentiable(lambda ctx: None).__code__
+_ORDERS = (3, 4, 5, 6)
+
+
+@dataclass
+class Extras:
+    """What the extra checks need from the first-order check."""
+
+    call: Any  # the `_function._Call` module
+    cotangents: dict[int, torch.Tensor]
+    grads: dict[int, dict[str, torch.Tensor | None]]  # first run: output -> slot key -> flat vjp
+    checks: dict[tuple[int, str], TensorCheck]  # first-order outcome per (output, slot key)
+    settings: Settings
+    seed: int
+    generator: torch.Generator
+    several: bool  # fn returns several outputs (names say "output k")
+    notes: list[str] = field(default_factory=list)
+    evaluations: int = 0
+
+    def pair(self, k: int, name: str) -> str:
+        return f"grad of output {k} w.r.t. {name}" if self.several else f"grad w.r.t. {name}"
+
+    def output(self, k: int) -> str:
+        return f"output {k}" if self.several else "the output"
+
+
+def float_outputs(out: Any) -> list[tuple[int, torch.Tensor]]:
+    """``(index, tensor)`` for every real floating tensor returned by ``fn``."""
+    items = [out] if isinstance(out, torch.Tensor) else list(out) if isinstance(out, (tuple, list)) else []
+    return [(i, t) for i, t in enumerate(items) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def vjp_at(call: Any, values: dict[str, torch.Tensor], cotangents: dict[int, torch.Tensor], seed: int,
+           before_backward: Callable[[dict[int, torch.Tensor]], None] | None = None,
+           ) -> tuple[dict[int, torch.Tensor], dict[int, dict[str, torch.Tensor | None]]]:
+    """One forward at `values` (leaves requiring grad), then ``J_k^T v_k`` per output: (objectives, grads)."""
+    with torch.enable_grad():
+        reseed(seed)
+        outs = dict(float_outputs(call.call_with(values)))
+        if before_backward is not None:
+            before_backward(outs)
+        keys = list(values)
+        losses: dict[int, torch.Tensor] = {}
+        grads: dict[int, dict[str, torch.Tensor | None]] = {}
+        for k, v in cotangents.items():
+            loss = (v * outs[k].to(DTYPE)).sum()
+            losses[k] = loss.detach()
+            got = (torch.autograd.grad(loss, [values[q] for q in keys], allow_unused=True, retain_graph=True)
+                   if loss.requires_grad else [None] * len(keys))
+            grads[k] = {q: None if g is None else g.detach().to(DTYPE).reshape(-1).clone() for q, g in zip(keys, got)}
+    return losses, grads
+
+
+def _custom_nodes(outputs: list[torch.Tensor]) -> list[Any]:
+    """The nodes of custom autograd.Functions in the graph behind `outputs`."""
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    seen: set[int] = set()
+    found = []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if getattr(node, "_forward_cls", None) is not None:
+            found.append(node)
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return found
+
+
+def once_differentiable_nodes(outputs: list[torch.Tensor]) -> set[str]:
+    """Names of the custom Functions behind `outputs` whose backward is ``@once_differentiable``."""
+    names = set()
+    for node in _custom_nodes(outputs):
+        cls = node._forward_cls
+        for fn in (cls.backward, cls.vjp):
+            if getattr(fn, "__code__", None) is _ONCE_CODE:
+                names.add(cls.__name__)
+    return names
+
+
+def spy_backward(outputs: list[torch.Tensor], leaves: dict[str, torch.Tensor], names: dict[str, str],
+                 found: dict[str, tuple[str, str]]) -> None:
+    """Record into `found` (slot key -> (status, note)) what custom backwards return for the checked inputs.
+
+    Autograd casts a gradient of the wrong dtype to the input's dtype without a word, and sums a
+    broadcast-shaped one down; an unfixable shape or device raises. The spy sees the raw return
+    value: each custom Function node gets an instance attribute ``apply`` (looked up by autograd
+    before the class's) that calls the real one and inspects its result.
+    """
+    by_leaf = {id(leaf): key for key, leaf in leaves.items()}
+    for node in _custom_nodes(outputs):
+        edges = {}
+        for pos, (nxt, _) in enumerate(node.next_functions):
+            var = getattr(nxt, "variable", None)
+            if var is not None and id(var) in by_leaf:
+                edges[pos] = by_leaf[id(var)]
+        if edges:
+            node.apply = _spy(node, edges, leaves, names, found)
+
+
+def _spy(node: Any, edges: dict[int, str], leaves: dict[str, torch.Tensor], names: dict[str, str],
+         found: dict[str, tuple[str, str]]) -> Callable[..., Any]:
+    real = type(node).apply
+    fname = node._forward_cls.__name__
+
+    def apply(*grad_outputs: Any) -> Any:
+        out = real(node, *grad_outputs)
+        returned = out if isinstance(out, tuple) else (out,)
+        for pos, key in edges.items():
+            g = returned[pos] if pos < len(returned) else None
+            leaf = leaves[key]
+            if not isinstance(g, torch.Tensor):
+                continue
+            said = f"backward of {fname} returned a gradient for {names[key]}"
+            if g.dtype != leaf.dtype:
+                found[key] = ("wrong dtype", f"{said} of dtype {_dt(g.dtype)}, but {names[key]} is {_dt(leaf.dtype)} "
+                                             "(autograd casts it silently)")
+            elif g.device != leaf.device:
+                found[key] = ("wrong device", f"{said} on {g.device}, but {names[key]} is on {leaf.device}")
+            elif g.shape != leaf.shape:
+                found[key] = ("wrong shape", f"{said} of shape {tuple(g.shape)}, but {names[key]} has shape "
+                                             f"{tuple(leaf.shape)}")
+        return out
+
+    return apply
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+# ------------------------------------------------------------------------------------- forward mode
+
+
+def _noise_per_element(values: torch.Tensor) -> torch.Tensor:
+    """ECNoise (see `_noise`) for each column of `values` (points x elements)."""
+    diffs = values.to(DTYPE)
+    best = torch.zeros(values.shape[1], dtype=DTYPE, device=values.device)
+    for k in range(1, max(_ORDERS) + 1):
+        diffs = diffs[1:] - diffs[:-1]
+        if k in _ORDERS:
+            gamma = math.factorial(k) ** 2 / math.factorial(2 * k)
+            best = torch.maximum(best, torch.sqrt(gamma * (diffs**2).mean(0)))
+    return best
+
+
+def _defines_no_jvp(fn: Any) -> str | None:
+    cls = getattr(fn, "__self__", None)
+    if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.jvp is torch.autograd.Function.jvp:
+        return cls.__name__
+    return None
+
+
+def check_forward_mode(ex: Extras) -> list[ParameterResult]:
+    """One row per (output, input): ``jvp`` along a random direction vs the numerical directional derivative."""
+    call = ex.call
+    missing = _defines_no_jvp(call.fn)
+    if missing:
+        ex.notes.append(f"forward mode: not checked: {missing} defines no jvp")
+        return []
+    base = {key: leaf.detach() for key, leaf in call.leaves().items()}
+    rows = []
+    for s in call.slots:
+        x = base[s.key]
+        signs = torch.randint(0, 2, x.shape, generator=ex.generator).to(x.device, DTYPE) * 2 - 1
+        d = signs * x.abs().clamp(min=1.0)
+        try:
+            with fwAD.dual_level(), torch.enable_grad():
+                reseed(ex.seed)
+                outs = float_outputs(call.call_with({**base, s.key: fwAD.make_dual(x, d)}))
+                tangents = {k: fwAD.unpack_dual(t).tangent for k, t in outs}
+                tangents = {k: (torch.zeros(t.numel(), dtype=DTYPE, device=t.device) if tangents[k] is None
+                                else tangents[k].detach().to(DTYPE).reshape(-1).clone()) for k, t in outs}
+                shapes = {k: tuple(t.shape) for k, t in outs}
+        except (NotImplementedError, RuntimeError) as exc:
+            first = (str(exc).splitlines() or [""])[0][:160]
+            ex.notes.append(f"forward mode: not checked: forward-mode AD is not available ({type(exc).__name__}: {first})")
+            return []
+        rows += _judge_jvp(ex, s, x, d, tangents, shapes, base)
+    ex.notes.append("forward mode: jvp checked against directional finite differences")
+    return rows
+
+
+def _judge_jvp(ex: Extras, s: Any, x: torch.Tensor, d: torch.Tensor, tangents: dict[int, torch.Tensor],
+               shapes: dict[int, tuple[int, ...]], base: dict[str, torch.Tensor]) -> list[ParameterResult]:
+    h = ex.settings.eps
+    noise_step = 1e-2 * math.sqrt(unit_roundoff(DTYPE))
+
+    def at(t: float) -> dict[int, torch.Tensor]:
+        with torch.no_grad():
+            reseed(ex.seed)
+            out = dict(float_outputs(ex.call.call_with({**base, s.key: x + t * d})))
+            ex.evaluations += 1
+            return {k: out[k].detach().to(DTYPE).reshape(-1) for k in tangents}
+
+    steps = {t: at(t * h) for t in (-2, -1, 1, 2)}
+    center = at(0.0)
+    noise = [at(j * noise_step) for j in range(-(NOISE_POINTS // 2), NOISE_POINTS // 2 + 1)]
+    rows = []
+    for k, a in tangents.items():
+        sigma = torch.maximum(_noise_per_element(torch.stack([p[k] for p in noise])),
+                              unit_roundoff(DTYPE) * center[k].abs())
+        span = torch.full_like(a, 2 * h)
+        numerical = (steps[1][k] - steps[-1][k]) / span
+        tol = first_tolerance(numerical, span, sigma, ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
+        bad = ~((a - numerical).abs() <= tol)
+        kink = torch.zeros_like(bad)
+        if bool(bad.any()):
+            w = bad.nonzero().flatten()
+            values = torch.stack([steps[-2][k][w], steps[-1][k][w], center[k][w], steps[1][k][w], steps[2][k][w]], 1)
+            j = judge_second_look(a[w], numerical[w], span[w] / 2, span[w], values, (steps[2][k][w] - steps[-2][k][w])
+                                  / (4 * h), sigma[w], ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
+            numerical, tol = numerical.clone(), tol.clone()
+            numerical[w], tol[w], kink[w] = j.numerical, j.tolerance, j.kink
+        check = TensorCheck(analytical=a, numerical=numerical, tolerance=tol, kink=kink, sigma=float(sigma.max()))
+        target = Target(f"jvp of {ex.output(k)} along {s.name}", center[k].view(shapes[k]), kind="forward mode")
+        rows.append(summarise(target, check, True))
+    return rows
+
+
+# ------------------------------------------------------------------------------------ non-contiguous
+
+
+def noncontiguous_copy(t: torch.Tensor) -> torch.Tensor | None:
+    """Same values, other layout: transposed memory for matrices, every other element otherwise."""
+    if t.dim() >= 2 and t.shape[-1] > 1 and t.shape[-2] > 1:
+        out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif t.numel() > 1:
+        strides, step = [], 2
+        for size in reversed(t.shape):
+            strides.insert(0, step)
+            step *= size
+        out = t.new_empty(2 * t.numel()).as_strided(t.shape, strides)
+        out.copy_(t)
+    else:
+        return None
+    return out.detach().requires_grad_(True)
+
+
+def check_noncontiguous(ex: Extras) -> list[ParameterResult]:
+    """Rerun the backward with non-contiguous copies of every checked input; judge it as the first run."""
+    call = ex.call
+    values = {key: leaf.detach().clone().requires_grad_(True) for key, leaf in call.leaves().items()}
+    changed = []
+    for s in call.slots:
+        nc = noncontiguous_copy(values[s.key].detach())
+        if nc is not None:
+            values[s.key] = nc
+            changed.append(s)
+    if not changed:
+        ex.notes.append("non-contiguous inputs: not checked (no input has more than one element)")
+        return []
+    names = ", ".join(s.name for s in changed)
+    try:
+        _, grads = vjp_at(call, values, ex.cotangents, ex.seed)
+    except Exception as exc:  # the point of this check: a backward that can't take strided inputs
+        first = (str(exc).splitlines() or [""])[0][:200]
+        return [ParameterResult(name=f"non-contiguous: {ex.pair(k, s.name)}", shape=tuple(s.original.shape),
+                                status="error", kind="non-contiguous",
+                                note=f"fn raised {type(exc).__name__} with non-contiguous inputs ({names}): {first}")
+                for k in ex.cotangents for s in changed]
+    ex.notes.append(f"non-contiguous inputs: backward rerun with transposed/strided copies of {names}")
+    rows = []
+    for k in ex.cotangents:
+        for s in changed:
+            a = grads[k][s.key]
+            check = ex.checks[(k, s.key)]
+            redo = dataclasses.replace(check, analytical=torch.zeros_like(check.analytical) if a is None else a)
+            target = Target(f"non-contiguous: {ex.pair(k, s.name)}", values[s.key].detach(), kind="non-contiguous")
+            rows.append(summarise(target, redo, a is not None))
+    return rows
+
+
+# --------------------------------------------------------------------------------------- determinism
+
+
+def determinism_results(ex: Extras, nondet_tol: float) -> list[ParameterResult]:
+    """Run forward and backward again; a row per (output, input) that differs by more than `nondet_tol`."""
+    call = ex.call
+    values = {key: leaf for key, leaf in call.leaves().items()}
+    _, again = vjp_at(call, values, ex.cotangents, ex.seed)
+    rows, worst = [], 0.0
+    for k in ex.cotangents:
+        for s in call.slots:
+            a, b = ex.grads[k][s.key], again[k][s.key]
+            if (a is None) != (b is None):
+                diff = math.inf
+            else:
+                diff = 0.0 if a is None or b is None or a.numel() == 0 else float((a - b).abs().max())
+            worst = max(worst, diff)
+            if not diff <= nondet_tol:
+                rows.append(ParameterResult(
+                    name=f"determinism: {ex.pair(k, s.name)}", shape=tuple(s.original.shape),
+                    status="nondeterministic", max_abs_error=diff, kind="determinism",
+                    note=f"two runs of the backward differ by up to {diff:.2e} > nondet_tol={nondet_tol:g}",
+                ))
+    if not rows:
+        same = "identical gradients" if worst == 0 else f"gradients within {worst:.1e} (nondet_tol={nondet_tol:g})"
+        ex.notes.append(f"determinism: the backward run twice gives {same}")
+    return rows

@@ -80,6 +80,8 @@ class ParameterResult:
     noise: float | None = None  # measured noise (std) of the loss while moving this tensor
     kind: str = "parameter"
     note: str = ""
+    coverage: str = "full"  # "full", or what a cheap mode covered (e.g. "16 directions + 32 elements")
+    norms: tuple[float, float] | None = None  # (||a||, ||n||) over the checked elements
     # Every element's |a - n| and tolerance, for `Report.plot`; None for large tensors. Not in to_dict/str.
     errors: ElementErrors | None = field(default=None, repr=False, compare=False)
 
@@ -155,7 +157,8 @@ class Report:
         )
 
     def table(self) -> str:
-        header = ("tensor", "shape", "status", "rel.err", "max|a-n|", "worst element", "numerical", "autograd", "tol")
+        header = ("tensor", "shape", "status", "coverage", "rel.err", "max|a-n|", "worst element", "numerical",
+                  "autograd", "tol")
         rows = [header]
         for r in self.results:
             w = r.worst[0] if r.worst else None
@@ -164,6 +167,7 @@ class Report:
                     r.name,
                     str(tuple(r.shape)).replace(",)", ")"),
                     r.status + (f" ({r.failed}/{r.checked})" if r.failed else ""),
+                    r.coverage if r.status != "skipped" else "-",
                     _fmt(r.relative_error),
                     _fmt(r.max_abs_error),
                     element_name("", w.index) if w else "-",

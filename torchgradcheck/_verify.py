@@ -10,10 +10,10 @@ import torch
 from torch import nn
 
 from ._batch import BatchError, Objective, check_loss, convert_batch, input_targets, module_is_lazy
-from ._check import Settings, measure, summarise
-from ._compare import relative_error
+from ._check import Settings
 from ._engines import Engine, LoopEngine, VmapEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
+from ._modes import MODES, TensorJob, check_tensor, measure_noise, plan
 from ._noise import NOISE_POINTS, unit_roundoff
 from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
 from ._params import Lent, Target, lend_model, select_parameters
@@ -24,7 +24,7 @@ from ._state import preserved_global_state, reseed
 __all__ = ["verify_module"]
 
 _CALL = "verify_module(model, loss_fn, batch)"
-_OPTIONS = ("forward", "params", "inputs", "eps", "rtol", "atol", "dtype", "seed", "engine", "progress")
+_OPTIONS = ("forward", "params", "inputs", "mode", "budget", "eps", "rtol", "atol", "dtype", "seed", "engine", "progress")
 
 
 def _dense_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
@@ -56,6 +56,8 @@ def verify_module(
     forward: Callable[[nn.Module, Any], Any] | None = None,
     params: str | Sequence[str] | None = None,
     inputs: bool = False,
+    mode: str = "auto",
+    budget: float = 3.0,
     eps: float | None = None,
     rtol: float | None = None,
     atol: float = 0.0,
@@ -76,6 +78,9 @@ def verify_module(
         forward: instead of `loss_fn`, a callable ``forward(model, batch) -> loss`` for anything else.
         params: names or glob patterns restricting the checked parameters (others listed as skipped).
         inputs: also check the gradients w.r.t. the floating tensors of the batch.
+        mode: "auto" (full where it fits `budget`, else random directions + sampled elements),
+            "full" (every element), "directional" or "sampled". The report states each tensor's coverage.
+        budget: seconds that "auto" may plan for (full checks are chosen cheapest first).
         eps: relative step; the step of element t is ``eps * max(1, |t|)``. Default per dtype (6e-6).
         rtol: relative floor of each element's tolerance. Default per dtype (1e-6 in float64).
         atol: absolute floor added to each element's tolerance (default 0: the noise estimate sets it).
@@ -114,6 +119,10 @@ def verify_module(
         raise InvalidArgumentTypeError(f"{_CALL}: inputs= must be True or False, got {inputs!r}.")
     validate_common("verify_module", eps=eps, rtol=rtol, atol=atol, dtype=dtype, seed=seed, engine=engine)
     patterns = validate_patterns("verify_module", params)
+    if mode not in MODES:
+        raise InvalidArgumentError(f"{_CALL}: unknown mode={mode!r}; valid options are {list(MODES)}.")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise InvalidArgumentError(f"{_CALL}: budget={budget!r} must be a number of seconds > 0.")
     if module_is_lazy(model):
         raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
     checked, skipped = select_parameters(model, patterns)
@@ -135,7 +144,8 @@ def verify_module(
     except BatchError as exc:
         raise InvalidArgumentError(f"{_CALL}: {exc}; fix the batch, or pass forward=.") from None
     with preserved_global_state(), lend_model(model, dtype) as lent:
-        return _run(lent, objective, checked, skipped, inputs, eps, rtol, atol, dtype, seed, engine, progress, start)
+        return _run(lent, objective, checked, skipped, inputs, eps, rtol, atol, dtype, seed, engine, progress, start,
+                    mode, float(budget))
 
 
 def _analytical(lent: Lent, objective: Objective, targets: list[Target], seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
@@ -165,9 +175,55 @@ def _analytical(lent: Lent, objective: Objective, targets: list[Target], seed: i
     return loss.detach().to(torch.float64), grads
 
 
+class _Engines:
+    """The engine in use, and the switch to the loop when vmap fails mid-check (noted, never silent)."""
+
+    def __init__(self, loop: LoopEngine, engine: Engine, forced: bool, notes: list[str]) -> None:
+        self.loop, self.engine, self.forced, self.notes = loop, engine, forced, notes
+
+    def run(self, what: str, fn: Callable[[Engine], Any]) -> Any:
+        try:
+            return fn(self.engine)
+        except Exception as exc:
+            if self.engine is self.loop or self.forced:
+                raise
+            self.notes.append(f"engine: loop from {what} on, because vmap failed ({type(exc).__name__})")
+            self.engine = self.loop
+            return fn(self.engine)
+
+    @property
+    def evaluations(self) -> int:
+        return self.loop.evaluations + (self.engine.evaluations if self.engine is not self.loop else 0)
+
+
+def _choose_engine(lent: Lent, objective: Objective, seed: int, tick: Callable[[int], None], name: str,
+                   targets: list[Target], notes: list[str]) -> tuple[_Engines, float]:
+    """Pick the engine; also evaluates the unperturbed loss twice to detect nondeterminism."""
+    loop = LoopEngine(lent, objective, seed, tick)
+    twice = (loop.loss(), loop.loss())
+    nondet = abs(float(twice[0]) - float(twice[1]))
+    if nondet > 0:
+        notes.append(
+            f"the forward is nondeterministic beyond torch's RNG: two identical evaluations differ by "
+            f"{nondet:.2e}; tolerances widened by this noise"
+        )
+    engine: Engine = loop
+    if name in ("auto", "vmap") and targets:
+        slack = 1e4 * unit_roundoff(targets[0].tensor.dtype) * abs(float(twice[0])) + 10 * nondet
+        vm = VmapEngine(lent, objective, seed, tick)
+        why = _vmap_agrees(vm, targets[0], twice[0], slack)
+        if why is None:
+            engine = vm
+        elif name == "vmap":
+            raise InvalidArgumentError(f"{_CALL}: engine='vmap' is not usable here: {why}; use engine='auto'.")
+        else:
+            notes.append(f"engine: loop, because {why}")
+    return _Engines(loop, engine, name == "vmap", notes), nondet
+
+
 def _run(lent: Lent, objective: Objective, checked: list[tuple[str, nn.Parameter]], skipped: list[tuple[str, str]],
          inputs: bool, eps: float | None, rtol: float | None, atol: float, dtype: torch.dtype | None, seed: int,
-         engine_name: str, progress: bool | None, start: float) -> Report:
+         engine_name: str, progress: bool | None, start: float, mode: str = "auto", budget: float = 3.0) -> Report:
     if dtype == torch.float64:
         torch.set_default_dtype(torch.float64)
     targets = [Target(name, p.data, kind="parameter", param=p) for name, p in checked]
@@ -177,58 +233,47 @@ def _run(lent: Lent, objective: Objective, checked: list[tuple[str, nn.Parameter
     eps_, rtol_ = resolve_tolerances(dtype or work_dtype, eps, rtol)
     loss0, grads = _analytical(lent, objective, targets, seed)
     notes: list[str] = []
-    total = sum(2 * t.tensor.numel() + NOISE_POINTS for t in targets)
-    with progress_bar(total, progress, "verify_module") as tick:
-        loop = LoopEngine(lent, objective, seed, tick)
-        twice = (loop.loss(), loop.loss())
-        nondet = abs(float(twice[0]) - float(twice[1]))
-        if nondet > 0:
-            notes.append(
-                f"the forward is nondeterministic beyond torch's RNG: two identical evaluations differ by "
-                f"{nondet:.2e}; tolerances widened by this noise"
-            )
-        u = unit_roundoff(work_dtype)
-        slack = 1e4 * u * abs(float(loss0)) + 10 * nondet
-        engine: Engine = loop
-        if engine_name in ("auto", "vmap") and targets:
-            vm = VmapEngine(lent, objective, seed, tick)
-            why = _vmap_agrees(vm, targets[0], twice[0], slack)
-            if why is None:
-                engine = vm
-            elif engine_name == "vmap":
-                raise InvalidArgumentError(f"{_CALL}: engine='vmap' is not usable here: {why}; use engine='auto'.")
-            else:
-                notes.append(f"engine: loop, because {why}")
+    jobs = []
+    for t in targets:
+        a = grads[t.name]
+        zeros = torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
+        jobs.append(TensorJob(t, zeros if a is None else a, a is not None))
+    with progress_bar(2 + len(jobs) * NOISE_POINTS, progress, "verify_module") as bar:
+        engines, nondet = _choose_engine(lent, objective, seed, bar.update, engine_name, targets, notes)
         generator = torch.Generator().manual_seed(seed)
         settings = Settings(eps=eps_, rtol=rtol_, atol=atol)
-        results: list[ParameterResult] = []
-        all_a, all_n = [], []
-        for t in targets:
-            a = grads[t.name]
-            has_grad = a is not None
-            if a is None:
-                a = torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
-            try:
-                check = measure(engine, t, a, loss0, nondet, settings, generator)
-            except Exception as exc:
-                if engine is loop or engine_name == "vmap":
-                    raise
-                notes.append(f"engine: loop from {t.name} on, because vmap failed ({type(exc).__name__})")
-                engine = loop
-                check = measure(engine, t, a, loss0, nondet, settings, generator)
-            results.append(summarise(t, check, has_grad))
-            all_a.append(check.analytical[~check.kink])
-            all_n.append(check.numerical[~check.kink])
-    evaluations = loop.evaluations + (engine.evaluations if engine is not loop else 0)
+        for job in jobs:
+            engines.run(job.target.name, lambda e, job=job: measure_noise(e, job, loss0, nondet, generator))
+        plan(jobs, mode, budget)
+        bar.grow(sum(job.cost("auto" if job.mode == "cheap" else job.mode) for job in jobs))
+        results = [
+            engines.run(job.target.name, lambda e, job=job: check_tensor(e, job, loss0, nondet, settings, generator))
+            for job in jobs
+        ]
     results += [ParameterResult(name=n, shape=tuple(p.shape), status="skipped", note=why)
                 for (n, why), p in zip(skipped, _params_by_name(lent.model, [n for n, _ in skipped]))]
-    overall = relative_error(torch.cat(all_a), torch.cat(all_n)) if all_a else 0.0
+    overall = _overall_error(results)
     device = targets[0].tensor.device if targets else torch.device("cpu")
     options = {"dtype": str(dtype or work_dtype).replace("torch.", ""), "device": str(device),
-               "eps": eps_, "rtol": rtol_, "atol": atol, "seed": seed, "mode": "full"}
+               "eps": eps_, "rtol": rtol_, "atol": atol, "seed": seed, "mode": mode}
+    if mode == "auto":
+        options["budget"] = budget
     return Report(call="verify_module", results=tuple(results), relative_error=overall, options=options,
-                  evaluations=evaluations, seconds=time.perf_counter() - start, engine=engine.name,
+                  evaluations=engines.evaluations, seconds=time.perf_counter() - start, engine=engines.engine.name,
                   notes=tuple(notes))
+
+
+def _overall_error(results: list[ParameterResult]) -> float:
+    """``||a - n|| / (||a|| + ||n||)`` over every checked element of every tensor."""
+    diff2 = a2 = n2 = 0.0
+    for res in results:
+        if res.norms is None or res.relative_error is None:
+            continue
+        a, n = res.norms
+        diff2 += (res.relative_error * (a + n)) ** 2
+        a2, n2 = a2 + a * a, n2 + n * n
+    den = a2**0.5 + n2**0.5
+    return diff2**0.5 / den if den > 0 else 0.0
 
 
 def _params_by_name(model: nn.Module, names: list[str]) -> list[torch.Tensor]:

@@ -163,7 +163,7 @@ def _spy(node: Any, edges: dict[int, str], leaves: dict[str, torch.Tensor], name
                 found[key] = ("wrong device", f"{said} on {g.device}, but {names[key]} is on {leaf.device}")
             elif g.shape != leaf.shape:
                 found[key] = ("wrong shape", f"{said} of shape {tuple(g.shape)}, but {names[key]} has shape "
-                                             f"{tuple(leaf.shape)}")
+                                             f"{tuple(leaf.shape)} (autograd sums a broadcastable one down silently, or raises)")
         return out
 
     return apply

@@ -112,6 +112,11 @@ def _strip(ax: Axes, report: Report) -> None:
             ax.scatter(x + rng.uniform(-0.32, 0.32, size=excluded.size), np.clip(excluded, bottom, top / 3),
                        s=22, marker="x", color=_KINK, linewidths=1)
         label = f"{r.failed}/{r.checked} over" if r.failed else r.status
+        numel = math.prod(r.shape)
+        if r.errors is not None and r.checked + r.excluded < numel:  # a cheap mode checked a subset
+            label += f"\n{r.checked + r.excluded:,} of {numel:,}\nchecked"
+        elif r.errors is None and numel:
+            label += "\n(worst only)"
         ax.annotate(label, (x, top / 2), ha="center", va="top", fontsize=8,
                     color=_BAD if not r.passed else "#333333")
     ax.axhline(1.0, color=_BAD, linewidth=1, linestyle="--")
@@ -164,9 +169,13 @@ def _heatmap(fig: Figure, ax: Axes, r: ParameterResult) -> None:
                       aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="|autograd − numerical|", shrink=0.9)
     rows, cols = np.nonzero(over)
+    title = f"{r.name} {tuple(r.shape)}: {r.failed} of {r.checked} over tolerance"
     if 0 < rows.size <= 200:
         ax.scatter(cols, rows, s=60, facecolors="none", edgecolors=_BAD, linewidths=1.2)
-    ax.set_title(f"{r.name} {tuple(r.shape)}: {r.failed} of {r.checked} over tolerance (red)", fontsize=9)
+        title += " (circled)"
+    if np.isnan(err).any():
+        title += "; grey: not checked"
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel(f"column{note}")
     ax.set_ylabel("row")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -74,18 +74,21 @@ def _to(tree: Any, device: Any) -> Any:
 
 @contextlib.contextmanager
 def moved_model(model: nn.Module, device: Any) -> Iterator[None]:
-    """Move `model` to `device` in place (Parameter objects and hooks kept); give back the originals on exit.
+    """Move `model` to `device` in place with ``model.to``; give back the originals on exit.
 
-    The original parameter data, gradients and buffers are re-attached on exit, not copied back, so
-    the model ends bit-exactly as it started, on its own devices.
+    ``model.to`` keeps the Parameter objects (and their hooks) between CPU and CUDA; on exit the
+    original Parameter objects, their data, gradients and the buffers are re-attached, not copied
+    back, so the model ends bit-exactly as it started, on its own devices.
     """
-    params = {id(p): p for p in model.parameters()}.values()
-    saved = [(p, p.data, p.grad) for p in params]
+    slots = [(m, name, p) for m in model.modules() for name, p in m._parameters.items() if p is not None]
+    saved = [(p, p.data, p.grad) for p in {id(p): p for _, _, p in slots}.values()]
     buffers = [(m, name, b) for m in model.modules() for name, b in m._buffers.items() if b is not None]
     try:
         model.to(device)
         yield
     finally:
+        for m, name, p in slots:  # `to` may have swapped in new Parameter objects (e.g. to "meta")
+            m._parameters[name] = p
         for p, data, grad in saved:
             p.grad = None
             p.data = data
@@ -118,9 +121,9 @@ class Gradcheck:
                  **options: Any) -> Report:
         """``verify_module(model, loss_fn, batch, **options)``; raises if the gradients disagree."""
         __tracebackhide__ = True
-        import torchgradcheck
-
-        verify = self._verify_module or torchgradcheck.verify_module
+        verify = self._verify_module
+        if verify is None:
+            from ._verify import verify_module as verify
         if self.mode is not None:
             options["mode"] = self.mode  # the command line wins: that is how a suite is rerun in full
         if self.device is None:
@@ -142,9 +145,7 @@ class Gradcheck:
         __tracebackhide__ = True
         verify = self._verify_function
         if verify is None:
-            import torchgradcheck
-
-            verify = torchgradcheck.verify_function
+            from ._function import verify_function as verify
         if self.device is not None:
             args, kwargs = _to(args, self.device), _to(kwargs, self.device)
         report = verify(fn, *args, **kwargs)

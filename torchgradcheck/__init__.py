@@ -20,6 +20,7 @@ __all__ = [
     "Report",
     "TorchGradcheckError",
     "__version__",
+    "verify_function",
     "verify_module",
 ]
 
@@ -33,6 +34,7 @@ _WHERE = {
     "InvalidArgumentError": "._errors",
     "InvalidArgumentTypeError": "._errors",
     "TorchGradcheckError": "._errors",
+    "verify_function": "._function",
     "verify_module": "._verify",
 }
 
@@ -45,6 +47,7 @@ if TYPE_CHECKING:
         TorchGradcheckError,
     )
     from ._report import ElementResult, ParameterResult, Report
+    from ._function import verify_function
     from ._verify import verify_module
 
 

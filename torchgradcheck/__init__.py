@@ -46,8 +46,8 @@ if TYPE_CHECKING:
         InvalidArgumentTypeError,
         TorchGradcheckError,
     )
-    from ._report import ElementResult, ParameterResult, Report
     from ._function import verify_function
+    from ._report import ElementResult, ParameterResult, Report
     from ._verify import verify_module
 
 

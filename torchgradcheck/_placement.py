@@ -1,0 +1,282 @@
+"""Distributed models: every rank runs every forward in lockstep; `placement` says what moves where.
+
+A model whose forward or backward calls collectives (Megatron-style tensor-parallel layers, DDP)
+can only be evaluated by all ranks together, one forward at a time, so vmap is out and
+`LockstepEngine` (the loop engine plus a little signalling) is used:
+
+* a *replicated* tensor (the default) holds the same value on every rank: every rank perturbs it
+  identically and runs the same evaluations; the first-pass failures are merged across ranks so
+  that the second look, too, evaluates the same points everywhere;
+* a *sharded* tensor holds a different shard on every rank: each rank in turn is the *owner* and
+  perturbs its own shard while the other ranks *follow*, running unperturbed forwards (their
+  collectives need them); the owner announces how many forwards each of its calls makes.
+
+The objective is the replicated loss, which must be identical on every rank: it is checked at the
+unperturbed point and at every evaluated point. For ``DistributedDataParallel`` the objective is
+the mean over ranks of each rank's loss, because DDP's all-reduce averages the ranks' gradients:
+the averaged ``.grad`` is the gradient of that mean. Gradients of replicated tensors must agree
+across ranks; a divergence fails the tensor with status "diverged".
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ._batch import Objective, input_targets
+from ._check import Settings, TensorCheck, summarise
+from ._distributed import (
+    CALL,
+    PLACEMENTS,
+    agree_on_errors,
+    analytical,
+    comm_device,
+    measure_slice,
+    noise,
+    rank_and_size,
+    reduced,
+    same_bound,
+    spread,
+    target_generator,
+)
+from ._engines import LoopEngine
+from ._errors import InvalidArgumentError, InvalidArgumentTypeError
+from ._params import Lent, Target
+from ._report import ParameterResult
+
+__all__ = ["LockstepEngine", "resolve_placement", "run_lockstep"]
+
+_DONE = -1
+
+
+def _global(group: Any, rank: int) -> int:
+    return rank if group is None else dist.get_global_rank(group, rank)
+
+
+class LockstepEngine(LoopEngine):
+    """The loop engine, run by all ranks at once; with an `owner`, only the owner perturbs."""
+
+    name = "lockstep"
+
+    def __init__(self, *args: Any, group: Any = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.group = group
+        self.owner: int | None = None  # None: every rank perturbs the same (replicated) tensor
+        self.values: list[torch.Tensor] = []  # every loss evaluated, in order: checked replicated at the end
+
+    def _announce(self, count: int) -> None:
+        if self.owner is not None:
+            n = torch.tensor([float(count)], dtype=torch.float64, device=comm_device(self.group))
+            dist.broadcast(n, src=_global(self.group, self.owner), group=self.group)
+
+    def loss(self) -> torch.Tensor:
+        value = super().loss()
+        self.values.append(value.reshape(1).cpu())
+        return value
+
+    def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        self._announce(len(index))
+        out = super().losses(target, index, values)
+        self.values.append(out.cpu())
+        return out
+
+    def losses_along(self, target: Target, deltas: torch.Tensor) -> torch.Tensor:
+        self._announce(deltas.shape[0])
+        out = super().losses_along(target, deltas)
+        self.values.append(out.cpu())
+        return out
+
+    def finish(self) -> None:
+        """Owner: tell the followers that this tensor is done."""
+        self._announce(_DONE)
+
+    def follow(self, owner: int) -> None:
+        """Not the owner: run as many unperturbed forwards as the owner announces, until it is done."""
+        n = torch.zeros(1, dtype=torch.float64, device=comm_device(self.group))
+        while True:
+            dist.broadcast(n, src=_global(self.group, owner), group=self.group)
+            count = int(n[0])
+            if count == _DONE:
+                return
+            out = torch.empty(count, dtype=torch.float64)
+            with torch.no_grad():
+                for j in range(count):
+                    out[j] = self._one()
+                    self.evaluations += 1
+                    self.tick(1)
+            self.values.append(out)
+
+
+class _MeanOverRanks(Objective):
+    """DDP's objective: the mean over ranks of each rank's own loss (evaluations only, no graph)."""
+
+    def __init__(self, inner: Objective, group: Any) -> None:
+        super().__init__(inner.loss_fn, inner.batch, inner.forward)
+        self.group = group
+
+    def __call__(self, model: Any) -> Any:
+        local = torch.as_tensor(super().__call__(model)).detach()
+        return reduced(local.reshape(1), dist.ReduceOp.SUM, self.group)[0] / dist.get_world_size(self.group)
+
+
+def resolve_placement(placement: Any, names: list[str]) -> dict[str, str]:
+    """``{tensor name: "sharded" | "replicated"}`` for `names`, from the user's patterns (default replicated)."""
+    if placement is None:
+        return dict.fromkeys(names, "replicated")
+    if not isinstance(placement, Mapping):
+        raise InvalidArgumentTypeError(f"{CALL}: placement= must be a dict {{name or pattern: 'sharded' | "
+                                       f"'replicated'}}, got {placement!r}.")
+    out = dict.fromkeys(names, "replicated")
+    for pattern, where in placement.items():
+        if where not in PLACEMENTS:
+            raise InvalidArgumentError(f"{CALL}: placement[{pattern!r}]={where!r} is not a placement; valid options "
+                                       f"are {list(PLACEMENTS)}.")
+        matched = [n for n in names if fnmatch.fnmatchcase(n, str(pattern))]
+        if not matched:
+            raise InvalidArgumentError(f"{CALL}: placement key {pattern!r} matches no parameter or input; names are "
+                                       f"{names[:12]}.")
+        for n in matched:
+            out[n] = where
+    return out
+
+
+def _check_replicated(t: Target, group: Any) -> None:
+    n = reduced(torch.tensor([float(t.tensor.numel())]), dist.ReduceOp.MAX, group)
+    if int(n[0]) != t.tensor.numel() or int(spread(torch.tensor([float(t.tensor.numel())]), group)[0]) != 0:
+        raise InvalidArgumentError(f"{CALL}: {t.name} has shape {t.shape} here but another shape on another rank: "
+                                   f"declare it placement={{{t.name!r}: 'sharded'}}.")
+    gap = float(spread(t.flat, group).max()) if t.tensor.numel() else 0.0
+    if gap > 0:
+        raise InvalidArgumentError(
+            f"{CALL}: {t.name} is replicated (the default placement) but its value differs across ranks by up to "
+            f"{gap:.2e}; declare placement={{{t.name!r}: 'sharded'}} if each rank holds its own shard, or make "
+            "the replicas identical (same seed, or broadcast from rank 0)."
+        )
+
+
+def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float) -> ParameterResult:
+    """One result for a replicated tensor: the first failing rank's, or rank 0's; divergence fails it."""
+    failing = [(r, res) for r, res in enumerate(per_rank) if not res.passed]
+    rank, res = failing[0] if failing else (0, per_rank[0])
+    notes = [res.note] if res.note else []
+    if failing and len(failing) < len(per_rank):
+        notes.append(f"fails on rank(s) {[r for r, _ in failing]} only")
+    elif failing and len(per_rank) > 1:
+        notes.append("fails on every rank; shown for rank 0")
+    status = res.status
+    if gap > bound:
+        notes.append(f"replicated, but its gradient differs across ranks by up to {gap:.2e}: a missing or extra "
+                     "all-reduce of this tensor's gradient?")
+        if res.passed:
+            status = "diverged"
+    return ParameterResult(name=res.name, shape=res.shape, status=status, relative_error=res.relative_error,
+                           max_abs_error=res.max_abs_error, checked=res.checked, failed=res.failed, worst=res.worst,
+                           not_differentiable=res.not_differentiable, noise=res.noise, kind=res.kind,
+                           note="; ".join(notes))
+
+
+def _renamed(res: ParameterResult, rank: int) -> ParameterResult:
+    return ParameterResult(name=f"rank{rank}:{res.name}", shape=res.shape, status=res.status,
+                           relative_error=res.relative_error, max_abs_error=res.max_abs_error, checked=res.checked,
+                           failed=res.failed, worst=res.worst, not_differentiable=res.not_differentiable,
+                           noise=res.noise, kind=res.kind, note=res.note)
+
+
+def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placement: Any, is_ddp: bool,
+                 settings: Settings, seed: int, group: Any, notes: list[str],
+                 tick: Any = None) -> tuple[list[ParameterResult], int, float]:
+    """Check a distributed model; returns the merged results, the forwards per rank, the relative error."""
+    rank, size = rank_and_size(group)
+    names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
+    where = resolve_placement(placement, names)
+    if is_ddp and (any(v == "sharded" for v in where.values()) or any(t.kind == "input" for t in targets)):
+        raise InvalidArgumentError(
+            f"{CALL}: a DistributedDataParallel model is replicated and DDP averages parameter gradients only: "
+            "pass neither sharded placements nor inputs=True (check input gradients with verify_module)."
+        )
+    for t in targets:
+        if where[t.name] == "replicated":
+            _check_replicated(t, group)
+    loss0, grads = analytical(lent, objective, targets, seed)
+    if is_ddp:
+        objective = _MeanOverRanks(objective, group)
+        loss0 = reduced(loss0.reshape(1), dist.ReduceOp.SUM, group)[0] / size
+        notes.append(f"objective: the global loss = mean over {size} ranks of each rank's loss, whose gradient is "
+                     "what DDP's averaging all-reduce writes into .grad")
+    else:
+        gap = float(spread(loss0.reshape(1), group)[0])
+        if gap > same_bound(loss0.reshape(1), loss0.dtype):
+            raise InvalidArgumentError(
+                f"{CALL}: the loss is not replicated: it differs across ranks by {gap:.2e} (rank {rank}: "
+                f"{float(loss0)!r}). The check differentiates the loss every rank agrees on: all-reduce it (e.g. "
+                "reduce the output of the last row-parallel layer); for data parallelism wrap the model in DDP."
+            )
+        notes.append(f"objective: the replicated loss (identical on all {size} ranks, checked at every evaluation)")
+    engine = LockstepEngine(lent, objective, seed, *(() if tick is None else (tick,)), group=group)
+    twice = (engine.loss(), engine.loss())
+    nondet = abs(float(twice[0]) - float(twice[1]))
+
+    def union(bad: torch.Tensor) -> torch.Tensor:
+        return reduced(bad.to(torch.float64), dist.ReduceOp.MAX, group).to(bad.device) > 0
+
+    local: list[ParameterResult | None] = []
+    gaps: list[tuple[float, float]] = []  # replicated tensors: spread of the gradient across ranks, and its bound
+    sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
+    message = None
+    for k, t in enumerate(targets):
+        g = grads[t.name]
+        a = g if g is not None else torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
+        index = torch.arange(t.tensor.numel(), device=t.tensor.device)
+        check: TensorCheck | None = None
+        if where[t.name] == "replicated":
+            engine.owner = None
+            sigma = noise(engine, t, loss0, nondet, target_generator(seed, k))
+            check = measure_slice(engine, t, a, index, sigma, loss0, settings, union)
+            scale = reduced(a.abs().max().reshape(1), dist.ReduceOp.MAX, group) if a.numel() else torch.zeros(1)
+            gaps.append((float(spread(a, group).max()) if a.numel() else 0.0, same_bound(scale, t.tensor.dtype)))
+        else:
+            gaps.append((0.0, 0.0))
+            for owner in range(size):
+                engine.owner = owner
+                if owner != rank:
+                    engine.follow(owner)
+                    continue
+                try:
+                    sigma = noise(engine, t, loss0, nondet, target_generator(seed, k))
+                    check = measure_slice(engine, t, a, index, sigma, loss0, settings)
+                except Exception as exc:  # agreed on after the loop; the followers are released first
+                    message = message or f"{t.name}: {type(exc).__name__}: {exc}"
+                finally:
+                    engine.finish()
+            engine.owner = None
+        local.append(None if check is None else summarise(t, check, g is not None))
+        if check is not None and (where[t.name] == "sharded" or rank == 0):
+            keep = ~check.kink
+            a_, n_ = check.analytical[keep].cpu(), check.numerical[keep].cpu()
+            sums += torch.stack([((a_ - n_) ** 2).sum(), (a_**2).sum(), (n_**2).sum()])
+    agree_on_errors(message, group)
+    values = torch.cat(engine.values)
+    drift = float(spread(values, group).max())
+    if drift > same_bound(values, targets[0].tensor.dtype if targets else torch.float64):
+        raise InvalidArgumentError(
+            f"{CALL}: the loss is not replicated at the perturbed points: evaluations differ across ranks by up to "
+            f"{drift:.2e}; a perturbation of one rank's shard must reach every rank's loss (a missing all-reduce "
+            "in the forward?), or declare the tensor's placement correctly."
+        )
+    gathered: list[Any] = [None] * size
+    dist.all_gather_object(gathered, local, group=group)
+    results: list[ParameterResult] = []
+    for k, t in enumerate(targets):
+        if where[t.name] == "replicated":
+            results.append(_merge_replicated([gathered[r][k] for r in range(size)], *gaps[k]))
+        else:
+            results += [_renamed(gathered[r][k], r) for r in range(size)]
+    total = reduced(sums, dist.ReduceOp.SUM, group)
+    denom = math.sqrt(float(total[1])) + math.sqrt(float(total[2]))
+    overall = 0.0 if denom == 0.0 else math.sqrt(float(total[0])) / denom
+    return results, engine.evaluations, overall

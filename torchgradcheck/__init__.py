@@ -20,6 +20,7 @@ __all__ = [
     "Report",
     "TorchGradcheckError",
     "__version__",
+    "verify_distributed",
     "verify_function",
     "verify_module",
 ]
@@ -34,6 +35,7 @@ _WHERE = {
     "InvalidArgumentError": "._errors",
     "InvalidArgumentTypeError": "._errors",
     "TorchGradcheckError": "._errors",
+    "verify_distributed": "._distributed",
     "verify_function": "._function",
     "verify_module": "._verify",
 }
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
         InvalidArgumentTypeError,
         TorchGradcheckError,
     )
+    from ._distributed import verify_distributed
     from ._function import verify_function
     from ._report import ElementResult, ParameterResult, Report
     from ._verify import verify_module

@@ -30,9 +30,10 @@ from ._compare import first_tolerance, judge_second_look, relative_error
 from ._engines import Engine, LoopEngine, VmapEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._finite_diff import first_pass, second_look
-from ._noise import estimate_noise, unit_roundoff
+from ._noise import NOISE_POINTS, estimate_noise, unit_roundoff
 from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
 from ._params import Lent, Target, lend_model, select_parameters
+from ._progress import progress_bar
 from ._report import ParameterResult, Report
 from ._state import preserved_global_state, reseed
 
@@ -45,6 +46,9 @@ _OPTIONS = ("forward", "params", "inputs", "placement", "split", "group", "eps",
 # Replicated values (loss, gradients) may differ across ranks by this many units of roundoff
 # (relative to the largest magnitude) before they count as different: reduction order only.
 SAME_ULPS = 1e3
+
+
+Tick = Callable[[int], None]
 
 
 class RankError(InvalidArgumentError):
@@ -114,7 +118,9 @@ def analytical(lent: Lent, objective: Objective, targets: list[Target],
     except BatchError as exc:
         raise InvalidArgumentError(f"{CALL}: {exc}.") from None
     if not loss.requires_grad:
-        raise InvalidArgumentError(f"{CALL}: the loss does not require grad: nothing connects it to the checked tensors.")
+        raise InvalidArgumentError(
+            f"{CALL}: the loss does not require grad: nothing connects it to the checked tensors."
+        )
     loss.backward()
     grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
     lent.clear_grads()
@@ -163,11 +169,11 @@ def noise(engine: Engine, target: Target, loss0: torch.Tensor, floor: float, gen
 
 
 def _choose_engine(lent: Lent, objective: Objective, seed: int, name: str, targets: list[Target], loss0: torch.Tensor,
-                   slack: float, notes: list[str]) -> tuple[LoopEngine, Engine]:
-    loop = LoopEngine(lent, objective, seed)
+                   slack: float, notes: list[str], tick: Tick) -> tuple[LoopEngine, Engine]:
+    loop = LoopEngine(lent, objective, seed, tick)
     if name == "loop" or not targets:
         return loop, loop
-    vm = VmapEngine(lent, objective, seed)
+    vm = VmapEngine(lent, objective, seed, tick)
     zero = torch.zeros(1, targets[0].tensor.numel(), dtype=targets[0].tensor.dtype, device=targets[0].tensor.device)
     try:
         value = float(vm.losses_along(targets[0], zero)[0])
@@ -183,7 +189,8 @@ def _choose_engine(lent: Lent, objective: Objective, seed: int, name: str, targe
 
 
 def run_split(lent: Lent, objective: Objective, targets: list[Target], settings: Settings, seed: int,
-              engine_name: str, group: Any, notes: list[str]) -> tuple[list[ParameterResult], int, float, str]:
+              engine_name: str, group: Any, notes: list[str],
+              tick: Tick) -> tuple[list[ParameterResult], int, float, str]:
     """Sharded check of a replicated model: each rank evaluates a slice of every tensor's elements."""
     rank, size = rank_and_size(group)
     loss0, grads = analytical(lent, objective, targets, seed)
@@ -209,7 +216,7 @@ def run_split(lent: Lent, objective: Objective, targets: list[Target], settings:
     message = None
     loop, engine = _choose_engine(lent, objective, seed, engine_name, targets, loss0,
                                   1e4 * unit_roundoff(targets[0].tensor.dtype if targets else torch.float64)
-                                  * abs(float(loss0)), notes)
+                                  * abs(float(loss0)), notes, tick)
     try:
         twice = (loop.loss(), loop.loss())
         nondet = abs(float(twice[0]) - float(twice[1]))
@@ -228,7 +235,7 @@ def run_split(lent: Lent, objective: Objective, targets: list[Target], settings:
         payload, sigmas = [], [0.0] * len(targets)
     agree_on_errors(message, group)
     evaluations = loop.evaluations + (engine.evaluations if engine is not loop else 0)
-    local = torch.cat([torch.tensor([float(evaluations)] + sigmas, dtype=torch.float64)]
+    local = torch.cat([torch.tensor([float(evaluations), *sigmas], dtype=torch.float64)]
                       + [p.detach().to("cpu", torch.float64) for p in payload])
     gathered = _all_gather_padded(local, group)
     results: list[ParameterResult] = []
@@ -252,8 +259,8 @@ def run_split(lent: Lent, objective: Objective, targets: list[Target], settings:
         results.append(summarise(t, TensorCheck(a, numerical, tolerance, kink.bool(), sigma), has_grad[k]))
         all_a.append(a[~kink.bool()])
         all_n.append(numerical[~kink.bool()])
-    notes.append(f"split: the elements of every tensor were divided among {size} ranks (at most {busiest:,} evaluations "
-                 "per rank); every rank holds this report")
+    notes.append(f"split: the elements of every tensor were divided among {size} ranks (at most {busiest:,} "
+                 "evaluations per rank); every rank holds this report")
     overall = relative_error(torch.cat(all_a), torch.cat(all_n)) if all_a else 0.0
     return results, total_evaluations, overall, engine.name
 
@@ -367,7 +374,9 @@ def verify_distributed(
             if not any(fnmatch.fnmatchcase(n, p) for n in names):
                 raise InvalidArgumentError(f"{CALL}: params={p!r} matches no parameter; names are {names[:10]}.")
     if not checked and not inputs:
-        raise InvalidArgumentError(f"{CALL}: the model has no trainable floating parameters to check; pass inputs=True.")
+        raise InvalidArgumentError(
+            f"{CALL}: the model has no trainable floating parameters to check; pass inputs=True."
+        )
     try:
         objective = Objective(loss_fn, convert_batch(batch, dtype), forward)
     except BatchError as exc:
@@ -382,16 +391,18 @@ def verify_distributed(
         eps_, rtol_ = resolve_tolerances(dtype or work_dtype, eps, rtol)
         settings = Settings(eps=eps_, rtol=rtol_, atol=atol)
         notes: list[str] = []
-        if split:
-            results, evaluations, overall, engine_used = run_split(lent, objective, targets, settings, seed, engine,
-                                                                   group, notes)
-        else:
-            from ._placement import run_lockstep
+        rank, size = rank_and_size(group)
+        total = sum(2 * t.tensor.numel() + NOISE_POINTS for t in targets) // (size if split else 1)
+        with progress_bar(total, progress if rank == 0 else False, "verify_distributed") as tick:
+            if split:
+                results, evaluations, overall, engine_used = run_split(lent, objective, targets, settings, seed,
+                                                                       engine, group, notes, tick)
+            else:
+                from ._placement import run_lockstep
 
-            results, evaluations, overall = run_lockstep(lent, objective, targets, placement, is_ddp, settings, seed,
-                                                         group, notes)
-            engine_used = "lockstep loop"
-        _, size = rank_and_size(group)
+                results, evaluations, overall = run_lockstep(lent, objective, targets, placement, is_ddp, settings,
+                                                             seed, group, notes, tick)
+                engine_used = "lockstep loop"
         seconds = float(reduced(torch.tensor([time.perf_counter() - start]), dist.ReduceOp.MAX, group)[0])
     table = dict(model.named_parameters(remove_duplicate=False))
     results += [ParameterResult(name=n, shape=tuple(table[n].shape), status="skipped", note=why) for n, why in skipped]

@@ -33,6 +33,7 @@ from ._check import Settings, TensorCheck, summarise
 from ._distributed import (
     CALL,
     PLACEMENTS,
+    Tick,
     agree_on_errors,
     analytical,
     comm_device,
@@ -146,8 +147,8 @@ def resolve_placement(placement: Any, names: list[str]) -> dict[str, str]:
 
 
 def _check_replicated(t: Target, group: Any) -> None:
-    n = reduced(torch.tensor([float(t.tensor.numel())]), dist.ReduceOp.MAX, group)
-    if int(n[0]) != t.tensor.numel() or int(spread(torch.tensor([float(t.tensor.numel())]), group)[0]) != 0:
+    """Raise (on every rank alike) unless `t` holds the same value on every rank."""
+    if float(spread(torch.tensor([float(t.tensor.numel())]), group)[0]) != 0:
         raise InvalidArgumentError(f"{CALL}: {t.name} has shape {t.shape} here but another shape on another rank: "
                                    f"declare it placement={{{t.name!r}: 'sharded'}}.")
     gap = float(spread(t.flat, group).max()) if t.tensor.numel() else 0.0
@@ -165,7 +166,7 @@ def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float)
     rank, res = failing[0] if failing else (0, per_rank[0])
     notes = [res.note] if res.note else []
     if failing and len(failing) < len(per_rank):
-        notes.append(f"fails on rank(s) {[r for r, _ in failing]} only")
+        notes.append(f"fails on rank(s) {[r for r, _ in failing]} only; shown for rank {rank}")
     elif failing and len(per_rank) > 1:
         notes.append("fails on every rank; shown for rank 0")
     status = res.status
@@ -189,7 +190,7 @@ def _renamed(res: ParameterResult, rank: int) -> ParameterResult:
 
 def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placement: Any, is_ddp: bool,
                  settings: Settings, seed: int, group: Any, notes: list[str],
-                 tick: Any = None) -> tuple[list[ParameterResult], int, float]:
+                 tick: Tick) -> tuple[list[ParameterResult], int, float]:
     """Check a distributed model; returns the merged results, the forwards per rank, the relative error."""
     rank, size = rank_and_size(group)
     names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
@@ -217,7 +218,7 @@ def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placem
                 "reduce the output of the last row-parallel layer); for data parallelism wrap the model in DDP."
             )
         notes.append(f"objective: the replicated loss (identical on all {size} ranks, checked at every evaluation)")
-    engine = LockstepEngine(lent, objective, seed, *(() if tick is None else (tick,)), group=group)
+    engine = LockstepEngine(lent, objective, seed, tick, group=group)
     twice = (engine.loss(), engine.loss())
     nondet = abs(float(twice[0]) - float(twice[1]))
 

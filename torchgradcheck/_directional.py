@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ._check import Settings
-from ._compare import NOISE_SIGMAS, quadratic_misfit
+from ._compare import NOISE_SIGMAS, quartic_misfit
 from ._engines import Engine
 from ._params import Target
 
@@ -107,7 +107,7 @@ def probe(engine: Engine, target: Target, analytical: torch.Tensor, loss0: torch
         first = numerical[where]
         refined = (4 * first - wide) / 3
         values = torch.stack([minus2, minus[where], loss0.expand(len(where)), plus[where], plus2], dim=1)
-        misfit = quadratic_misfit(values)
+        misfit = quartic_misfit(values)
         result.numerical = numerical.clone()
         result.numerical[where] = refined
         result.tolerance = tolerance.clone()

@@ -87,6 +87,17 @@ def _subsample(ratio: Any, rng: Any) -> Any:
     return ratio[np.concatenate([keep, extra])]
 
 
+def _column_label(r: ParameterResult) -> str:
+    """Name, shape, verdict and (for a cheap mode) how many elements were checked, under the column."""
+    numel = math.prod(r.shape)
+    lines = [r.name, str(tuple(r.shape)).replace(",)", ")"), f"{r.failed}/{r.checked} over" if r.failed else r.status]
+    if r.errors is not None and r.checked + r.excluded < numel:
+        lines.append(f"{r.checked + r.excluded:,} of {numel:,} checked")
+    elif r.errors is None and numel:
+        lines.append("(worst shown)")
+    return "\n".join(lines)
+
+
 def _strip(ax: Axes, report: Report) -> None:
     """One column of dots per tensor: |a - n| / tolerance, log scale, the tolerance at 1."""
     import numpy as np
@@ -99,8 +110,9 @@ def _strip(ax: Axes, report: Report) -> None:
         columns.append((r, _subsample(judged, rng), excluded))
     finite = np.concatenate([np.concatenate([j, x]) for _, j, x in columns] or [np.empty(0)])
     finite = finite[np.isfinite(finite) & (finite > 0)]
-    top = max(float(finite.max()) if finite.size else 1.0, 1.0) * 30
+    top = max(float(finite.max()) if finite.size else 1.0, 1.0) * 10
     bottom = max(min(float(finite.min()) if finite.size else 1e-3, 1e-1) / 3, top * 1e-14)
+    labels = []
     for x, (r, judged, excluded) in enumerate(columns):
         shown_vals = np.clip(judged, bottom, top / 3)  # zeros at the floor, infinities at the ceiling
         jitter = rng.uniform(-0.32, 0.32, size=shown_vals.size)
@@ -111,22 +123,14 @@ def _strip(ax: Axes, report: Report) -> None:
         if excluded.size:
             ax.scatter(x + rng.uniform(-0.32, 0.32, size=excluded.size), np.clip(excluded, bottom, top / 3),
                        s=22, marker="x", color=_KINK, linewidths=1)
-        label = f"{r.failed}/{r.checked} over" if r.failed else r.status
-        numel = math.prod(r.shape)
-        if r.errors is not None and r.checked + r.excluded < numel:  # a cheap mode checked a subset
-            label += f"\n{r.checked + r.excluded:,} of {numel:,}\nchecked"
-        elif r.errors is None and numel:
-            label += "\n(worst only)"
-        ax.annotate(label, (x, top / 2), ha="center", va="top", fontsize=8,
-                    color=_BAD if not r.passed else "#333333")
+        labels.append(_column_label(r))
     ax.axhline(1.0, color=_BAD, linewidth=1, linestyle="--")
     ax.annotate("tolerance", (len(columns) - 0.5, 1.0), ha="right", va="bottom", fontsize=8, color=_BAD)
     ax.set_yscale("log")
     ax.set_ylim(bottom, top)
     ax.set_xlim(-0.6, len(columns) - 0.4)
     ax.set_xticks(range(len(columns)))
-    names = [f"{r.name}\n{tuple(r.shape)}".replace(",)", ")") for r, _, _ in columns]
-    ax.set_xticklabels(names, fontsize=8, rotation=30 if len(columns) > 6 else 0,
+    ax.set_xticklabels(labels, fontsize=8, rotation=30 if len(columns) > 6 else 0,
                        ha="right" if len(columns) > 6 else "center")
     for tick, (r, _, _) in zip(ax.get_xticklabels(), columns):
         if not r.passed:
@@ -335,11 +339,19 @@ def draw_step_sweep(ax: Axes, sweep: StepSweep, label: str | None = None, color:
               label=label or f"|D(h) − autograd|, {sweep.name}")
     rounding = sweep.noise / (math.sqrt(2.0) * h)  # std of (e+ - e-) / 2h
     ax.loglog(h, rounding, ":", color="#555555", linewidth=1, label="rounding ≈ σ/(√2·h), σ measured")
-    # truncation ~ C h^2: fit C where the error is well above the rounding line
-    clear = ok & (err > 30 * rounding) & (h > sweep.default_step)
+    # truncation ~ C h^2, measured against the numerical value at the default step (not autograd,
+    # which may be the thing that is wrong), where it stands well above the rounding line
+    ref = int(np.nanargmin(np.abs(np.log(h / sweep.default_step))))
+    drift = np.abs(sweep.numerical - sweep.numerical[ref])
+    clear = ok & (drift > 30 * rounding) & (h > 10 * sweep.default_step)
+    trunc = np.zeros_like(h)
     if clear.any():
-        c = float(np.median(err[clear] / h[clear] ** 2))
-        ax.loglog(h, c * h**2, "--", color="#555555", linewidth=1, label="truncation ∝ h²")
+        trunc = float(np.median(drift[clear] / h[clear] ** 2)) * h**2
+        ax.loglog(h, trunc, "--", color="#555555", linewidth=1, label="truncation ∝ h²")
+    gap = float(err[ref])
+    if gap > 100 * (rounding[ref] + trunc[ref]):  # autograd is off by more than the method's error
+        ax.axhline(gap, color=_BAD, linewidth=1, alpha=0.6)
+        ax.annotate(f"autograd is off by {gap:.1e}", (h[0], gap), va="bottom", fontsize=8, color=_BAD)
     ax.axvline(sweep.default_step, color="#2ca02c", linewidth=1)
     ax.annotate(" verify_module's step", (sweep.default_step, 0.02), xycoords=("data", "axes fraction"),
                 va="bottom", fontsize=8, color="#2ca02c")

@@ -157,14 +157,23 @@ def _analytical(lent: Lent, objective: Objective, targets: list[Target], seed: i
     reseed(seed)
     try:
         loss = check_loss(objective(lent.model))
+        if not loss.requires_grad:
+            raise InvalidArgumentError(
+                f"{_CALL}: the loss does not require grad: nothing connects it to the checked parameters "
+                "(computed under torch.no_grad(), or detached?)."
+            )
+        loss.backward()
     except BatchError as exc:
         raise InvalidArgumentError(f"{_CALL}: {exc}.") from None
-    if not loss.requires_grad:
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        own = {s.data.dtype for s in lent.saved_params if s.data.is_floating_point()}
+        if lent.dtype is None or own <= {lent.dtype}:
+            raise
         raise InvalidArgumentError(
-            f"{_CALL}: the loss does not require grad: nothing connects it to the checked parameters "
-            "(computed under torch.no_grad(), or detached?)."
-        )
-    loss.backward()
+            f"{_CALL}: the model failed when run in {lent.dtype} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); its own dtype is {sorted(map(str, own))}. If its kernels "
+            "only run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
+        ) from exc
     grads = {t.name: _dense_grad(t.param.grad if t.param is not None else None) for t in targets}
     lent.clear_grads()
     for t in targets:

@@ -20,6 +20,7 @@ __all__ = [
     "Report",
     "TorchGradcheckError",
     "__version__",
+    "plot_step_sweep",
     "verify_distributed",
     "verify_function",
     "verify_module",
@@ -35,6 +36,7 @@ _WHERE = {
     "InvalidArgumentError": "._errors",
     "InvalidArgumentTypeError": "._errors",
     "TorchGradcheckError": "._errors",
+    "plot_step_sweep": "._plot",
     "verify_distributed": "._distributed",
     "verify_function": "._function",
     "verify_module": "._verify",
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
     )
     from ._distributed import verify_distributed
     from ._function import verify_function
+    from ._plot import plot_step_sweep
     from ._report import ElementResult, ParameterResult, Report
     from ._verify import verify_module
 

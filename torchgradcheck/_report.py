@@ -170,7 +170,7 @@ class Report:
                     r.coverage if r.status != "skipped" else "-",
                     _fmt(r.relative_error),
                     _fmt(r.max_abs_error),
-                    element_name("", w.index) if w else "-",
+                    (element_name("", w.index) or "()") if w else "-",  # "()": the element of a 0-dim tensor
                     _num(w.numerical) if w else "-",
                     _num(w.analytical) if w else "-",
                     _fmt(w.tolerance) if w else "-",

@@ -1,0 +1,389 @@
+"""Localise the wrong backward: which submodule's own backward makes the gradients disagree.
+
+One forward of the objective, with hooks registered only for its duration, records every module
+call: its inputs (args and kwargs, cloned *before* the call so in-place modules can't spoil them),
+which of them carried gradient, which outputs carry gradient, and the custom autograd.Function
+nodes the call added to the graph outside its children. The *sites* are the leaf modules (no
+children), plus any other module whose own forward calls a custom autograd.Function or which has
+module backward hooks. Each site is then checked alone, from the loss backwards, by `verify_module`
+on a small probe module::
+
+    loss = sum(v * site(*captured_args, **captured_kwargs))      v: a fixed random upstream gradient
+
+perturbing the captured inputs that carried gradient and the site's trainable parameters. A tensor
+of at most `max_elements` elements is checked element by element (a parameter as the user's own
+Parameter object, so its hooks fire); a larger one along `directions` random directions that span
+the whole tensor (entries +-max(1, |x_i|)), so one wrong element anywhere still shows (numerics
+notes, section 3) at a cost independent of the tensor's size.
+
+The first wrong backward is the first failing site in backward order (reverse order of completed
+forwards) none of whose own sub-sites fail: the wrong gradient enters the graph there.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+from torch.utils import _pytree as pytree
+
+from ._batch import Objective, convert_batch, input_targets
+from ._errors import GradcheckWarning
+from ._params import lend_model
+from ._report import _fmt
+from ._state import preserved_global_state, reseed
+
+__all__ = ["Localisation", "SiteVerdict", "localise"]
+
+MAX_ELEMENTS = 64  # tensors up to this size are checked element by element
+DIRECTIONS = 16  # larger tensors: this many random directions spanning the whole tensor
+# Functions torch itself puts in the graph around a module call (full backward hooks): not user code.
+_WRAPPERS = ("BackwardHookFunction",)
+
+
+@dataclass(frozen=True)
+class SiteVerdict:
+    """The isolated check of one module call (a leaf, or a module calling a custom Function itself)."""
+
+    name: str  # dotted module name; "#2" marks the second call of a module used twice
+    type: str  # the module's class name
+    passed: bool | None  # None: not checked (status "skipped" or "error")
+    relative_error: float | None
+    status: str = "ok"  # ok | wrong | inconclusive | skipped | error
+    wrong: tuple[str, ...] = ()  # its tensors that disagree, e.g. ("input[0]", "weight")
+    functions: tuple[str, ...] = ()  # custom autograd.Functions called by its own forward
+    note: str = ""
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class Localisation:
+    """Which module's own backward is wrong; ``str()`` is a one-line verdict and a table."""
+
+    first_wrong: str | None
+    module_type: str | None
+    checked: tuple[SiteVerdict, ...]  # in backward order: the site nearest the loss first
+    note: str = ""
+    seconds: float = 0.0
+
+    def headline(self) -> str:
+        n = sum(s.passed is not None for s in self.checked)
+        tail = f"{n} module call(s) checked in isolation in {self.seconds:.2f} s"
+        if self.first_wrong is None:
+            return f"no wrong backward found: {tail}"
+        site = next(s for s in self.checked if s.name == self.first_wrong)
+        return (
+            f"first wrong backward: {self.first_wrong} ({self.module_type}): gradient of "
+            f"{', '.join(site.wrong) or 'its output'} disagrees (relative error {_fmt(site.relative_error)}); {tail}"
+        )
+
+    def table(self) -> str:
+        rows = [("module", "type", "status", "rel.err", "wrong", "custom Function")]
+        for s in self.checked:
+            rows.append((s.name, s.type, s.status + (f" ({s.note})" if s.note and s.status != "ok" else ""),
+                         _fmt(s.relative_error), ", ".join(s.wrong) or "-", ", ".join(s.functions) or "-"))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+    def __str__(self) -> str:
+        parts = [self.headline(), self.table()]
+        if self.note:
+            parts.append(f"  note: {self.note}")
+        return "\n".join(parts)
+
+
+@dataclass(eq=False)
+class _Call:
+    """One module call seen during the capture forward."""
+
+    name: str
+    module: nn.Module
+    parent: _Call | None
+    spec: Any = None  # pytree spec of (args, kwargs)
+    leaves: list[Any] | None = None  # cloned flat inputs
+    carries: list[bool] | None = None  # which flat inputs carried gradient
+    in_nodes: list[Any] | None = None
+    out_spec: Any = None
+    out_grad: list[int] | None = None  # positions of flat outputs that carry gradient
+    out_like: list[torch.Tensor] | None = None  # (shape, dtype, device) of those outputs
+    out_nodes: list[Any] | None = None
+    order: int = -1  # completion order
+    functions: tuple[str, ...] = ()
+
+    def ancestors(self) -> list[_Call]:
+        out, p = [], self.parent
+        while p is not None:
+            out.append(p)
+            p = p.parent
+        return out
+
+
+def _display(name: str) -> str:
+    return name or "(model)"
+
+
+def _capture(model: nn.Module, objective: Objective) -> tuple[list[_Call], Any]:
+    """Run the objective once with hooks on every module; hooks are removed before returning."""
+    names: dict[int, str] = {}
+    for name, module in model.named_modules():
+        names.setdefault(id(module), name)
+    counts: dict[int, int] = {}
+    calls: list[_Call] = []
+    stack: list[_Call] = []
+    done = [0]
+
+    def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        k = counts[id(module)] = counts.get(id(module), 0) + 1
+        name = _display(names[id(module)]) + (f"#{k}" if k > 1 else "")
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        carries = [isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad for x in leaves]
+        call = _Call(name, module, stack[-1] if stack else None, spec,
+                     [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves], carries,
+                     [x.grad_fn for x, c in zip(leaves, carries) if c and x.grad_fn is not None])
+        calls.append(call)
+        stack.append(call)
+
+    def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        call = stack.pop()
+        outs, call.out_spec = pytree.tree_flatten(output)
+        call.out_grad = [i for i, t in enumerate(outs)
+                         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+        call.out_like = [torch.empty_like(outs[i], memory_format=torch.contiguous_format) for i in call.out_grad]
+        call.out_nodes = [outs[i].grad_fn for i in call.out_grad if outs[i].grad_fn is not None]
+        call.order = done[0]
+        done[0] += 1
+
+    handles = []
+    try:
+        for module in model.modules():
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
+        with torch.enable_grad():
+            loss = objective(model)
+    finally:
+        for h in handles:
+            h.remove()
+    return [c for c in calls if c.order >= 0], loss
+
+
+def _own_functions(call: _Call, calls: list[_Call]) -> tuple[str, ...]:
+    """Custom autograd.Function nodes between the call's inputs and outputs, outside its children."""
+    stop = {id(n) for n in call.in_nodes or ()}
+    jump: dict[int, list[Any]] = {}
+    for child in calls:
+        if child.parent is call:
+            for node in child.out_nodes or ():
+                if all(node is not n for n in child.in_nodes or ()):  # not a pass-through (Identity)
+                    jump[id(node)] = list(child.in_nodes or ())
+    found: list[str] = []
+    seen: set[int] = set()
+    todo = list(call.out_nodes or ())
+    while todo:
+        node = todo.pop()
+        if node is None or id(node) in seen or id(node) in stop:
+            continue
+        seen.add(id(node))
+        if id(node) in jump:
+            todo.extend(jump[id(node)])
+            continue
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            name = type(node).__name__.removesuffix("Backward")
+            if name not in found and name not in _WRAPPERS:
+                found.append(name)
+        todo.extend(n for n, _ in node.next_functions)
+    return tuple(found)
+
+
+class _Probe(nn.Module):
+    """``sum(v * site(inputs))`` where every checked tensor is, or is rebuilt from, a probe parameter."""
+
+    def __init__(self, call: _Call, generator: torch.Generator, max_elements: int, directions: int) -> None:
+        super().__init__()
+        self.site = call.module
+        self.spec, self.leaves = call.spec, list(call.leaves or ())
+        self.out_grad = list(call.out_grad or ())
+        self.upstream = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
+                         for t in call.out_like or ()]
+        self.checked: dict[str, str] = {}  # probe parameter name -> what it stands for
+        self.inputs: dict[int, tuple[str, torch.Tensor | None, bool]] = {}
+        for i, (x, carries) in enumerate(zip(self.leaves, call.carries or ())):
+            if carries:
+                key = f"in_{i}"
+                base = self._register(key, x, max_elements, directions)
+                self.inputs[i] = (key, base, base is not None)
+                self.checked[key] = _input_name(call, i)
+        self.overrides: dict[str, tuple[str, torch.Tensor]] = {}
+        self.own: list[str] = []
+        seen: set[int] = set()
+        for pname, p in call.module.named_parameters():
+            if id(p) in seen or not p.requires_grad or not p.is_floating_point():
+                continue
+            seen.add(id(p))
+            if p.numel() <= max_elements:
+                self.own.append("site." + pname)
+                self.checked["site." + pname] = pname
+            else:
+                key = "p_" + pname.replace(".", "_")
+                base = self._register(key, p.detach().clone(), max_elements, directions)
+                assert base is not None
+                self.overrides[pname] = (key, base)
+                self.checked[key] = pname
+
+    def _register(self, key: str, x: torch.Tensor, max_elements: int, directions: int) -> torch.Tensor | None:
+        """Element-wise: the parameter is the tensor (returns None); else direction coefficients."""
+        if x.numel() <= max_elements:
+            self.register_parameter(key, nn.Parameter(x.detach().clone()))
+            return None
+        g = torch.Generator().manual_seed(x.numel())
+        signs = torch.randint(0, 2, (directions, x.numel()), generator=g).to(x.device, x.dtype) * 2 - 1
+        setattr(self, key + "_dirs", signs * x.detach().abs().reshape(1, -1).clamp(min=1))
+        self.register_parameter(key, nn.Parameter(torch.zeros(directions, dtype=x.dtype, device=x.device)))
+        return x.detach()
+
+    def _rebuild(self, key: str, base: torch.Tensor | None) -> torch.Tensor:
+        p = getattr(self, key)
+        if base is None:
+            return p.clone()  # a non-leaf: in-place modules (ReLU(inplace=True)) may write to it
+        return base + (p @ getattr(self, key + "_dirs")).view(base.shape)
+
+    def forward(self) -> torch.Tensor:
+        leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in self.leaves]
+        for i, (key, base, _) in self.inputs.items():
+            leaves[i] = self._rebuild(key, base)
+        args, kwargs = pytree.tree_unflatten(leaves, self.spec)
+        if self.overrides:
+            swapped = {n: self._rebuild(key, base) for n, (key, base) in self.overrides.items()}
+            out = functional_call(self.site, swapped, tuple(args), kwargs)
+        else:
+            out = self.site(*args, **kwargs)
+        outs = pytree.tree_flatten(out)[0]
+        total = 0
+        for j, v in zip(self.out_grad, self.upstream):
+            total = total + (v * outs[j]).sum()
+        return torch.as_tensor(total)
+
+
+def _input_name(call: _Call, i: int) -> str:
+    path = pytree.tree_flatten_with_path(pytree.tree_unflatten(list(range(len(call.leaves or ()))), call.spec))[0][i][0]
+    text = pytree.keystr(path)
+    return ("input" + text[3:]) if text.startswith("[0]") else ("kwargs" + text[3:])
+
+
+def _check(call: _Call, dtype: torch.dtype | None, seed: int, engine: str, max_elements: int,
+           directions: int) -> SiteVerdict:
+    from ._verify import verify_module  # here: _verify may import this module
+
+    start = time.perf_counter()
+    name, kind = call.name, type(call.module).__name__
+
+    def verdict(status: str, note: str, **kw: Any) -> SiteVerdict:
+        return SiteVerdict(name, kind, kw.pop("passed", None), kw.pop("rel", None), status,
+                           functions=call.functions, note=note, seconds=time.perf_counter() - start, **kw)
+
+    if not call.out_grad:
+        return verdict("skipped", "its output carries no gradient")
+    probe = _Probe(call, torch.Generator().manual_seed(seed + call.order), max_elements, directions)
+    if not probe.checked:
+        return verdict("skipped", "no input carries gradient and it has no trainable parameter")
+    try:
+        report = verify_module(probe, forward=_probe_loss, batch=None, params=sorted(probe.checked), dtype=dtype,
+                               seed=seed, engine=engine, progress=False)
+    except Exception as exc:  # a site that can't run alone must not hide the main report
+        return verdict("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
+    wrong = tuple(probe.checked[r.name] for r in report.failures)
+    status = "wrong" if wrong else ("inconclusive" if any(r.status == "inconclusive" for r in report.results) else "ok")
+    return verdict(status, "", passed=not wrong, rel=report.relative_error, wrong=wrong)
+
+
+def _probe_loss(model: nn.Module, _batch: Any) -> torch.Tensor:
+    return model()
+
+
+def localise(
+    model: nn.Module,
+    loss_fn: Any = None,
+    batch: Any = None,
+    *,
+    forward: Any = None,
+    dtype: torch.dtype | None = torch.float64,
+    seed: int = 0,
+    engine: str = "auto",
+    inputs: bool = False,
+    max_elements: int = MAX_ELEMENTS,
+    directions: int = DIRECTIONS,
+) -> Localisation:
+    """Check each leaf module's backward in isolation and name the first wrong one from the loss.
+
+    Takes the same ``(model, loss_fn, batch, forward=, dtype=, seed=, engine=)`` as `verify_module`,
+    which calls it when a check fails. Hooks exist only during the one capture forward; the model,
+    its buffers, the RNG and the default dtype are handed back bit-exactly.
+
+    Args:
+        model: the module whose gradients failed.
+        loss_fn: as for `verify_module`.
+        batch: as for `verify_module`.
+        forward: as for `verify_module`.
+        dtype: checking precision (float64); None keeps the model's own dtype.
+        seed: the RNG seed set before the capture forward and before every evaluation of a site.
+        engine: "auto", "vmap" or "loop", for each site's check.
+        inputs: the batch's floating tensors carry gradient too (as with ``verify_module(..., inputs=True)``),
+            so the first module's input gradient is checked as well.
+        max_elements: tensors up to this size are checked element by element.
+        directions: larger tensors are checked along this many random directions spanning them.
+
+    Returns:
+        A `Localisation`: ``first_wrong`` (a module name, or None) and every site's verdict.
+    """
+    start = time.perf_counter()
+    with preserved_global_state(), lend_model(model, dtype) as lent, warnings.catch_warnings():
+        warnings.simplefilter("ignore", GradcheckWarning)  # the main check has already warned
+        if dtype == torch.float64:
+            torch.set_default_dtype(torch.float64)
+        objective = Objective(loss_fn, convert_batch(batch, dtype), forward)
+        if inputs:
+            for target in input_targets(objective.batch):
+                target.tensor.requires_grad_(True)  # our own copy of the batch
+        lent.reset_buffers()
+        reseed(seed)
+        try:
+            calls, loss = _capture(model, objective)
+        except Exception as exc:
+            return Localisation(None, None, (), f"could not localise: the capture forward raised {type(exc).__name__}: "
+                                f"{exc}", time.perf_counter() - start)
+        for call in calls:
+            call.functions = _own_functions(call, calls)
+        del loss
+        lent.reset_buffers()
+        sites = [c for c in sorted(calls, key=lambda c: -c.order)
+                 if not any(True for _ in c.module.children()) or c.functions
+                 or c.module._backward_hooks or c.module._backward_pre_hooks]
+        verdicts = {id(c): _check(c, dtype, seed, engine, max_elements, directions) for c in sites}
+    first: _Call | None = None
+    for c in sites:
+        if verdicts[id(c)].status == "wrong" and not any(
+            verdicts[id(d)].status == "wrong" for d in sites if c in d.ancestors()
+        ):
+            first = c
+            break
+    checked = tuple(verdicts[id(c)] for c in sites)
+    note = _note(first, checked)
+    return Localisation(first.name if first else None, type(first.module).__name__ if first else None,
+                        checked, note, time.perf_counter() - start)
+
+
+def _note(first: _Call | None, checked: tuple[SiteVerdict, ...]) -> str:
+    errors = [s.name for s in checked if s.status == "error"]
+    parts = []
+    if first is None:
+        parts.append(
+            "every module checked computes its own gradients correctly: look at loss_fn / forward=, hooks on "
+            "parameters, or functional code outside modules"
+        )
+    if errors:
+        parts.append(f"{len(errors)} module(s) could not be run alone: {', '.join(errors[:5])}")
+    return "; ".join(parts)

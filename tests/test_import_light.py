@@ -8,8 +8,6 @@ from __future__ import annotations
 import subprocess
 import sys
 
-import pytest
-
 pytest_plugins = ["pytester"]
 
 PROBE = """

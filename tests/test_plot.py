@@ -50,7 +50,8 @@ def failing_report():
 
 def test_parameter_result_keeps_every_elements_error(failing_report):
     weight = failing_report.results[0]
-    assert weight.name == "0.weight" and weight.status == "mismatch"
+    assert weight.name == "0.weight"
+    assert weight.status == "mismatch"
     e = weight.errors
     assert e.abs_error.shape == e.tolerance.shape == e.excluded.shape == (8 * 12,)
     assert math.isclose(float(e.abs_error.max()), weight.max_abs_error, rel_tol=1e-6)
@@ -59,13 +60,15 @@ def test_parameter_result_keeps_every_elements_error(failing_report):
     d = failing_report.to_dict()
     assert all("errors" not in r for r in d["results"])
     json.dumps(d)
-    assert "errors" not in repr(weight) and "abs_error" not in str(failing_report)
+    assert "errors" not in repr(weight)
+    assert "abs_error" not in str(failing_report)
 
 
 def test_report_plot_heatmap_shows_the_bad_row(failing_report, tmp_path):
     path = tmp_path / "report.png"
     fig = failing_report.plot(path)
-    assert path.read_bytes()[:8] == PNG and path.stat().st_size > 20_000
+    assert path.read_bytes()[:8] == PNG
+    assert path.stat().st_size > 20_000
     # strip plot + one heatmap (only 0.weight fails) + its colorbar
     assert len(fig.axes) == 3
     err, over, _ = heatmap_grid(failing_report.results[0])
@@ -86,23 +89,26 @@ def test_report_plot_of_a_passing_check_has_no_heatmap(tmp_path):
     assert_unchanged(before, model)
 
 
-def test_report_plot_without_per_element_errors_uses_the_worst(monkeypatch, tmp_path):
+def test_report_plot_without_per_element_errors_uses_the_worst(monkeypatch):
     monkeypatch.setattr(check_module, "KEEP_ELEMENTS", 20)
     report = verify_module(*_mlp(_row_bug), mode="full", engine="loop")
     kept = {r.name: r.errors is not None for r in report.results}
     assert kept == {"0.weight": False, "0.bias": True, "2.weight": False, "2.bias": True}
-    fig = report.plot(tmp_path / "big.png")
+    fig = report.plot()  # drawn, not saved
     assert len(fig.axes) == 1  # no heatmap without per-element errors
-    assert (tmp_path / "big.png").read_bytes()[:8] == PNG
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    assert labels[0] == "0.weight\n(8, 12)\n12/96 over\n(worst shown)"
 
 
-def test_report_plot_of_a_subset_marks_unchecked_elements(tmp_path):
-    report = verify_module(*_mlp(_row_bug, sizes=(40, 30, 3)), mode="sampled", engine="loop")
+def test_report_plot_of_a_subset_marks_unchecked_elements():
+    report = verify_module(*_mlp(_row_bug, sizes=(24, 20, 3)), mode="sampled", engine="loop")
     weight = report.results[0]
     unchecked = int(np.isnan(weight.errors.tolerance).sum())
-    assert 0 < unchecked == 40 * 30 - weight.checked - weight.excluded
-    report.plot(tmp_path / "sampled.png")
-    assert (tmp_path / "sampled.png").read_bytes()[:8] == PNG
+    assert 0 < unchecked == 24 * 20 - weight.checked - weight.excluded
+    fig = report.plot()
+    assert len(fig.axes) == 3  # the failing weight still gets its (partly grey) heatmap
+    label = fig.axes[0].get_xticklabels()[0].get_text()
+    assert label.endswith(f"{weight.checked + weight.excluded} of 480 checked")
 
 
 def test_report_plot_names_the_extra_when_matplotlib_is_missing(failing_report, monkeypatch, tmp_path):
@@ -119,17 +125,21 @@ def test_plot_step_sweep_draws_the_v(tmp_path):
     assert (tmp_path / "v.png").read_bytes()[:8] == PNG
     assert_unchanged(before, model)
     err, h = sweep.abs_error, sweep.steps
-    assert sweep.name == "0.weight[3, 7]" and len(h) == 45
-    assert math.isclose(h[0], 1e-12, rel_tol=1e-3) and math.isclose(h[-1], 1e-1, rel_tol=1e-3)
+    assert sweep.name == "0.weight[3, 7]"
+    assert len(h) == 45
+    assert math.isclose(h[0], 1e-12, rel_tol=1e-3)
+    assert math.isclose(h[-1], 1e-1, rel_tol=1e-3)
     best = err.min()
     assert 1e-7 <= sweep.best_step <= 1e-3
     assert best < 1e-9 * max(1.0, abs(sweep.analytical))
-    assert err[0] > 100 * best and err[-1] > 100 * best  # rounding on the left, truncation on the right
+    assert err[0] > 100 * best
+    assert err[-1] > 100 * best
     slope = math.log(err[-1] / err[-5]) / math.log(h[-1] / h[-5])
     assert 1.7 < slope < 2.3  # central differences: truncation error ~ h^2
     # the rounding arm follows the measured noise: sigma / (sqrt(2) h) within a factor 30
     rounding = sweep.noise / (math.sqrt(2) * h[:10])
-    assert np.all(err[:10] < 30 * rounding) and np.median(err[:10] / rounding) > 0.03
+    assert np.all(err[:10] < 30 * rounding)
+    assert np.median(err[:10] / rounding) > 0.03
 
 
 def test_plot_step_sweep_of_a_wrong_element_has_a_floor():
@@ -180,4 +190,5 @@ def test_cli_check_plot_writes_the_picture(tmp_path, capsys):
     assert code == 1
     assert out.read_bytes()[:8] == PNG
     captured = capsys.readouterr()
-    assert "FAILED" in captured.out and f"plot written to {out}" in captured.err
+    assert "FAILED" in captured.out
+    assert f"plot written to {out}" in captured.err

@@ -183,7 +183,8 @@ def test_gradcheck_raises_with_report_on_failure():
     fake = _Recorder(passed=False)
     with pytest.raises(GradientMismatchError, match=r"FAILED, gradients disagree for 1 of 1 tensors") as info:
         Gradcheck(verify_module=fake)(nn.Linear(2, 2), nn.MSELoss(), None)
-    assert info.value.report is not None and not info.value.report.passed
+    assert info.value.report is not None
+    assert not info.value.report.passed
 
 
 def test_gradcheck_real_check_detects_hook_bug_and_leaves_model_unchanged():
@@ -203,7 +204,8 @@ def test_gradcheck_on_cpu_device_moves_batch_and_restores_model():
     fake = _Recorder()
     Gradcheck(device="cpu", verify_module=fake)(model, loss_fn, batch)
     (_, _, moved), _ = fake.calls[0]
-    assert moved[0] is not batch[0] and torch.equal(moved[0], batch[0])
+    assert moved[0] is not batch[0]
+    assert torch.equal(moved[0], batch[0])
     assert_unchanged(before, model)
 
 
@@ -212,7 +214,8 @@ def test_moved_model_gives_back_the_original_tensors():
     model[0].weight.grad = torch.randn(4, 3)
     before = snapshot(model)
     with moved_model(model, "meta"):  # the one other device every machine has
-        assert model[0].weight.device.type == "meta" and model[1].running_mean.device.type == "meta"
+        assert model[0].weight.device.type == "meta"
+        assert model[1].running_mean.device.type == "meta"
     assert_unchanged(before, model)  # same Parameter objects, storages, grads and buffers
 
 

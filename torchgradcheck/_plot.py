@@ -135,7 +135,7 @@ def _strip(ax: Axes, report: Report) -> None:
     for tick, (r, _, _) in zip(ax.get_xticklabels(), columns):
         if not r.passed:
             tick.set_color(_BAD)
-    ax.set_ylabel("|autograd − numerical| / tolerance")
+    ax.set_ylabel("|autograd − numerical| / tolerance")  # noqa: RUF001
     ax.grid(axis="y", which="major", alpha=0.3)
     ax.scatter([], [], s=16, color=_OK, label="element within tolerance")
     ax.scatter([], [], s=28, color=_BAD, label="element over tolerance")
@@ -171,7 +171,7 @@ def _heatmap(fig: Figure, ax: Axes, r: ParameterResult) -> None:
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
     image = ax.imshow(shown, norm=LogNorm(vmin=low, vmax=max(high, low * 10)), cmap=cmap,
                       aspect="auto", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="|autograd − numerical|", shrink=0.9)
+    fig.colorbar(image, ax=ax, label="|autograd − numerical|", shrink=0.9)  # noqa: RUF001
     rows, cols = np.nonzero(over)
     title = f"{r.name} {tuple(r.shape)}: {r.failed} of {r.checked} over tolerance"
     if 0 < rows.size <= 200:
@@ -336,9 +336,10 @@ def draw_step_sweep(ax: Axes, sweep: StepSweep, label: str | None = None, color:
     ok = np.isfinite(err) & (h > 0)
     floor = max(float(np.abs(sweep.analytical)) * 1e-17, 1e-300)
     ax.loglog(h[ok], np.maximum(err[ok], floor), "o-", color=color, markersize=3.5, linewidth=1.2,
-              label=label or f"|D(h) − autograd|, {sweep.name}")
+              label=label or f"|D(h) − autograd|, {sweep.name}")  # noqa: RUF001
     rounding = sweep.noise / (math.sqrt(2.0) * h)  # std of (e+ - e-) / 2h
-    ax.loglog(h, rounding, ":", color="#555555", linewidth=1, label="rounding ≈ σ/(√2·h), σ measured")
+    guide = "rounding ≈ σ/(√2·h), σ measured"  # noqa: RUF001
+    ax.loglog(h, rounding, ":", color="#555555", linewidth=1, label=guide)
     # truncation ~ C h^2, measured against the numerical value at the default step (not autograd,
     # which may be the thing that is wrong), where it stands well above the rounding line
     ref = int(np.nanargmin(np.abs(np.log(h / sweep.default_step))))
@@ -409,7 +410,7 @@ def plot_step_sweep(model: nn.Module, loss_fn: Callable[..., Any] | None = None,
 
 def finish_step_axes(ax: Axes, title: str) -> None:
     ax.set_xlabel("step h")
-    ax.set_ylabel("|central difference − autograd|")
+    ax.set_ylabel("|central difference − autograd|")  # noqa: RUF001
     ax.set_title(title, fontsize=9, loc="left")
     ax.grid(which="major", alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")

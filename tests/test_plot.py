@@ -192,3 +192,30 @@ def test_cli_check_plot_writes_the_picture(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "FAILED" in captured.out
     assert f"plot written to {out}" in captured.err
+
+
+def test_report_plot_of_verify_function_shows_an_edge_bug():
+    from torchgradcheck import verify_function
+
+    class EdgeBug(torch.autograd.Function):
+        """sin, whose backward is 5 % off in the last column only."""
+
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x.sin()
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            d = x.cos().clone()
+            d[:, -1] *= 1.05
+            return g * d
+
+    x = torch.randn(6, 9, dtype=torch.float64, requires_grad=True)
+    report = verify_function(EdgeBug.apply, x, second_order=False, forward_mode=False, noncontiguous=False)
+    assert not report.passed
+    fig = report.plot()
+    assert len(fig.axes) == 3
+    _, over, _ = heatmap_grid(report.failures[0])
+    assert set(np.nonzero(over)[1].tolist()) == {8}  # every failing element is in the last column

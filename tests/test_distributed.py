@@ -109,7 +109,7 @@ def job_split(rank: int, world: int) -> dict[str, Any]:
         torch.manual_seed(0)  # the same model and batch on every rank
         model, loss_fn, batch = factory()
         report, changed = _run(model, loss_fn, batch, split=True, inputs=True)
-        single = verify_module(model, loss_fn, batch, inputs=True) if rank == 0 else None
+        single = verify_module(model, loss_fn, batch, inputs=True, mode="full") if rank == 0 else None
         out[name] = (report, changed, single)
     torch.manual_seed(rank)  # a different model on every rank
     model, loss_fn, batch = CORRECT["correct_mlp"]()
@@ -262,7 +262,8 @@ def test_verify_distributed_error_names_the_fix_on_every_rank(outcomes, case):
 
 def test_verify_distributed_needs_a_process_group():
     model = torch.nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.randn(4, 2))
     before = snapshot(model)
     with pytest.raises(InvalidArgumentError, match=r"no torch.distributed process group is initialised; launch"):
-        verify_distributed(model, torch.nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
+        verify_distributed(model, torch.nn.MSELoss(), batch)
     assert_unchanged(before, model)

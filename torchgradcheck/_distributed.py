@@ -25,12 +25,11 @@ import torch.distributed as dist
 from torch import nn
 
 from ._batch import BatchError, Objective, check_loss, convert_batch, input_targets, module_is_lazy
-from ._check import Settings, TensorCheck, summarise
-from ._compare import first_tolerance, judge_second_look, relative_error
+from ._check import Settings, TensorCheck, measure, summarise
+from ._compare import relative_error
 from ._engines import Engine, LoopEngine, VmapEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
-from ._finite_diff import first_pass, second_look
-from ._noise import NOISE_POINTS, estimate_noise, unit_roundoff
+from ._noise import NOISE_POINTS, unit_roundoff
 from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
 from ._params import Lent, Target, lend_model, select_parameters
 from ._progress import progress_bar
@@ -137,37 +136,6 @@ def target_generator(seed: int, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + k)
 
 
-def measure_slice(engine: Engine, target: Target, analytical: torch.Tensor, index: torch.Tensor, sigma: float,
-                  loss0: torch.Tensor, settings: Settings,
-                  union: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TensorCheck:
-    """`_check.measure` restricted to the elements `index`, with the noise `sigma` already measured.
-
-    `union` (lockstep mode) merges the first-pass failures of all ranks, so that every rank makes
-    the same second-look evaluations. The returned check holds the slice only.
-    """
-    a = analytical[index]
-    first = first_pass(engine, target, index, settings.eps)
-    numerical = first.derivative
-    tolerance = first_tolerance(numerical, first.span, sigma, settings.rtol, settings.atol)
-    bad = ~((a - numerical).abs() <= tolerance)
-    if union is not None:
-        bad = union(bad)
-    kink = torch.zeros_like(bad)
-    if bool(bad.any()):
-        where = bad.nonzero().flatten()
-        look = second_look(engine, target, first, where, loss0)
-        j = judge_second_look(a[where], numerical[where], first.h[where], first.span[where], look.values, look.wide,
-                              sigma, settings.rtol, settings.atol)
-        numerical, tolerance = numerical.clone(), tolerance.clone()
-        numerical[where], tolerance[where], kink[where] = j.numerical, j.tolerance, j.kink
-    return TensorCheck(a, numerical, tolerance, kink, sigma)
-
-
-def noise(engine: Engine, target: Target, loss0: torch.Tensor, floor: float, generator: torch.Generator) -> float:
-    u = unit_roundoff(target.tensor.dtype)
-    return max(estimate_noise(engine, target, generator), u * abs(float(loss0)), floor)
-
-
 def _choose_engine(lent: Lent, objective: Objective, seed: int, name: str, targets: list[Target], loss0: torch.Tensor,
                    slack: float, notes: list[str], tick: Tick) -> tuple[LoopEngine, Engine]:
     loop = LoopEngine(lent, objective, seed, tick)
@@ -226,9 +194,8 @@ def run_split(lent: Lent, objective: Objective, targets: list[Target], settings:
             a = theirs[offset : offset + n].to(t.tensor.device)
             offset += n
             index = torch.tensor_split(torch.arange(n, device=t.tensor.device), size)[rank]
-            sigma = noise(engine, t, loss0, nondet, target_generator(seed, k))
-            check = measure_slice(engine, t, a, index, sigma, loss0, settings)
-            sigmas.append(sigma)
+            check = measure(engine, t, a, loss0, nondet, settings, target_generator(seed, k), index=index)
+            sigmas.append(check.sigma)
             payload += [check.numerical, check.tolerance, check.kink.to(torch.float64)]
     except Exception as exc:  # agreed on below: a rank that stops early must not leave the others waiting
         message = f"{type(exc).__name__}: {exc}"
@@ -393,15 +360,15 @@ def verify_distributed(
         notes: list[str] = []
         rank, size = rank_and_size(group)
         total = sum(2 * t.tensor.numel() + NOISE_POINTS for t in targets) // (size if split else 1)
-        with progress_bar(total, progress if rank == 0 else False, "verify_distributed") as tick:
+        with progress_bar(total, progress if rank == 0 else False, "verify_distributed") as bar:
             if split:
                 results, evaluations, overall, engine_used = run_split(lent, objective, targets, settings, seed,
-                                                                       engine, group, notes, tick)
+                                                                       engine, group, notes, bar.update)
             else:
                 from ._placement import run_lockstep
 
                 results, evaluations, overall = run_lockstep(lent, objective, targets, placement, is_ddp, settings,
-                                                             seed, group, notes, tick)
+                                                             seed, group, notes, bar.update)
                 engine_used = "lockstep loop"
         seconds = float(reduced(torch.tensor([time.perf_counter() - start]), dist.ReduceOp.MAX, group)[0])
     table = dict(model.named_parameters(remove_duplicate=False))

@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 
 from ._batch import Objective, input_targets
-from ._check import Settings, TensorCheck, summarise
+from ._check import Settings, TensorCheck, measure, noise_level, summarise
+from ._compare import first_tolerance, judge_second_look
 from ._distributed import (
     CALL,
     PLACEMENTS,
@@ -37,8 +38,6 @@ from ._distributed import (
     agree_on_errors,
     analytical,
     comm_device,
-    measure_slice,
-    noise,
     rank_and_size,
     reduced,
     same_bound,
@@ -47,10 +46,11 @@ from ._distributed import (
 )
 from ._engines import LoopEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
+from ._finite_diff import first_pass, second_look
 from ._params import Lent, Target
 from ._report import ParameterResult
 
-__all__ = ["LockstepEngine", "resolve_placement", "run_lockstep"]
+__all__ = ["LockstepEngine", "measure_agreed", "resolve_placement", "run_lockstep"]
 
 _DONE = -1
 
@@ -146,6 +146,31 @@ def resolve_placement(placement: Any, names: list[str]) -> dict[str, str]:
     return out
 
 
+def measure_agreed(engine: LockstepEngine, target: Target, analytical: torch.Tensor, sigma: float,
+                   loss0: torch.Tensor, settings: Settings) -> TensorCheck:
+    """`_check.measure` of a replicated tensor on every rank at once, the second look agreed on.
+
+    The numerical side is the same on every rank but the analytical one may not be (that is the
+    divergence the check reports), so the elements that failed the first pass on ANY rank get the
+    second look on every rank: all ranks keep evaluating the same points in the same order.
+    """
+    index = torch.arange(target.tensor.numel(), device=target.tensor.device)
+    first = first_pass(engine, target, index, settings.eps)
+    numerical = first.derivative
+    tolerance = first_tolerance(numerical, first.span, sigma, settings.rtol, settings.atol)
+    bad = ~((analytical - numerical).abs() <= tolerance)
+    bad = reduced(bad.to(torch.float64), dist.ReduceOp.MAX, engine.group).to(bad.device) > 0
+    kink = torch.zeros_like(bad)
+    if bool(bad.any()):
+        where = bad.nonzero().flatten()
+        look = second_look(engine, target, first, where, loss0)
+        j = judge_second_look(analytical[where], numerical[where], first.h[where], first.span[where], look.values,
+                              look.wide, sigma, settings.rtol, settings.atol)
+        numerical, tolerance = numerical.clone(), tolerance.clone()
+        numerical[where], tolerance[where], kink[where] = j.numerical, j.tolerance, j.kink
+    return TensorCheck(analytical, numerical, tolerance, kink, sigma)
+
+
 def _check_replicated(t: Target, group: Any) -> None:
     """Raise (on every rank alike) unless `t` holds the same value on every rank."""
     if float(spread(torch.tensor([float(t.tensor.numel())]), group)[0]) != 0:
@@ -222,9 +247,6 @@ def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placem
     twice = (engine.loss(), engine.loss())
     nondet = abs(float(twice[0]) - float(twice[1]))
 
-    def union(bad: torch.Tensor) -> torch.Tensor:
-        return reduced(bad.to(torch.float64), dist.ReduceOp.MAX, group).to(bad.device) > 0
-
     local: list[ParameterResult | None] = []
     gaps: list[tuple[float, float]] = []  # replicated tensors: spread of the gradient across ranks, and its bound
     sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
@@ -232,12 +254,11 @@ def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placem
     for k, t in enumerate(targets):
         g = grads[t.name]
         a = g if g is not None else torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
-        index = torch.arange(t.tensor.numel(), device=t.tensor.device)
         check: TensorCheck | None = None
         if where[t.name] == "replicated":
             engine.owner = None
-            sigma = noise(engine, t, loss0, nondet, target_generator(seed, k))
-            check = measure_slice(engine, t, a, index, sigma, loss0, settings, union)
+            sigma = noise_level(engine, t, loss0, nondet, target_generator(seed, k))
+            check = measure_agreed(engine, t, a, sigma, loss0, settings)
             scale = reduced(a.abs().max().reshape(1), dist.ReduceOp.MAX, group) if a.numel() else torch.zeros(1)
             gaps.append((float(spread(a, group).max()) if a.numel() else 0.0, same_bound(scale, t.tensor.dtype)))
         else:
@@ -248,8 +269,7 @@ def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placem
                     engine.follow(owner)
                     continue
                 try:
-                    sigma = noise(engine, t, loss0, nondet, target_generator(seed, k))
-                    check = measure_slice(engine, t, a, index, sigma, loss0, settings)
+                    check = measure(engine, t, a, loss0, nondet, settings, target_generator(seed, k))
                 except Exception as exc:  # agreed on after the loop; the followers are released first
                     message = message or f"{t.name}: {type(exc).__name__}: {exc}"
                 finally:

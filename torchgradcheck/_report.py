@@ -148,7 +148,7 @@ class Report:
         tensors = [r for r in self.results if r.status != "skipped"]
         if self.passed:
             return (
-                f"{self.call}: OK, {len(tensors)} tensors ({checked:,} elements) agree "
+                f"{self.call}: OK, {len(tensors)} tensor{'' if len(tensors) == 1 else 's'} ({checked:,} elements) agree "
                 f"(relative error {_fmt(self.relative_error)})"
             )
         return (

@@ -30,11 +30,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._batch import Objective
 from ._check import Settings, measure, summarise
 from ._compare import relative_error
 from ._engines import Engine, LoopEngine, VmapEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
-from ._batch import Objective
 from ._function_extras import (
     Extras,
     check_forward_mode,
@@ -93,9 +93,15 @@ class _Call(nn.Module):
         if isinstance(owner, nn.Module):
             self.owner = owner  # lent with the rest: its parameters are float64 during the check
         object.__setattr__(self, "fn", fn)
+        object.__setattr__(self, "reset_buffers", lambda: None)  # the lent module's, during the check
         self.args, self.kwargs, self.slots = args, kwargs, slots
         for s in slots:
             self.register_parameter(s.key, nn.Parameter(s.original.detach().to(DTYPE, copy=True).contiguous()))
+
+    def prepare(self, seed: int) -> None:
+        """Before every call outside the engines: buffers of ``fn``'s module reset, RNG re-seeded."""
+        self.reset_buffers()
+        reseed(seed)
 
     def leaves(self) -> dict[str, torch.Tensor]:
         return {s.key: getattr(self, s.key) for s in self.slots}
@@ -301,7 +307,7 @@ def _objective(k: int, v: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
 def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]]]:
     """The first call of ``fn`` (with grad): its raw result and its floating outputs, validated."""
     with torch.enable_grad():
-        reseed(seed)
+        call.prepare(seed)
         raw = call()
     outs = float_outputs(raw)
     if not outs:
@@ -369,6 +375,7 @@ def _raised_report(call: _Call, found: dict[str, tuple[str, str]], exc: Exceptio
 def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], progress: bool | None,
          start: float) -> Report:
     seed = options["seed"]
+    object.__setattr__(call, "reset_buffers", lent.reset_buffers)
     # Not torch.manual_seed(seed)'s stream: a caller who drew x with seed 0 would get v == x, and a
     # transposed gradient of sum(v * (x @ w.T)) (x.T v instead of v.T x) would then go unnoticed.
     generator = torch.Generator().manual_seed((seed ^ _STREAM) & (2**63 - 1))
@@ -432,9 +439,7 @@ def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], p
                 notes.append(f"second order: not checked: the backward of {', '.join(sorted(once))} is "
                              "@once_differentiable (information, not a failure)")
             else:
-                more, n_eval = check_second_order(ex, lent)
-                results += more
-                evaluations += n_eval
+                results += check_second_order(ex)
     else:
         notes.append("second order: off (second_order=False)")
     if options["forward_mode"]:

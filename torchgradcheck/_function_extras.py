@@ -28,14 +28,16 @@ from ._compare import first_tolerance, judge_second_look
 from ._noise import NOISE_POINTS, unit_roundoff
 from ._params import Target
 from ._report import ParameterResult
-from ._state import reseed
 
 __all__ = [
     "Extras",
     "check_forward_mode",
+    "Directional",
     "check_noncontiguous",
     "determinism_results",
+    "direction",
     "float_outputs",
+    "judge_directional",
     "once_differentiable_nodes",
     "spy_backward",
     "vjp_at",
@@ -79,7 +81,7 @@ def vjp_at(call: Any, values: dict[str, torch.Tensor], cotangents: dict[int, tor
            ) -> tuple[dict[int, torch.Tensor], dict[int, dict[str, torch.Tensor | None]]]:
     """One forward at `values` (leaves requiring grad), then ``J_k^T v_k`` per output: (objectives, grads)."""
     with torch.enable_grad():
-        reseed(seed)
+        call.prepare(seed)
         outs = dict(float_outputs(call.call_with(values)))
         if before_backward is not None:
             before_backward(outs)
@@ -163,7 +165,8 @@ def _spy(node: Any, edges: dict[int, str], leaves: dict[str, torch.Tensor], name
                 found[key] = ("wrong device", f"{said} on {g.device}, but {names[key]} is on {leaf.device}")
             elif g.shape != leaf.shape:
                 found[key] = ("wrong shape", f"{said} of shape {tuple(g.shape)}, but {names[key]} has shape "
-                                             f"{tuple(leaf.shape)} (autograd sums a broadcastable one down silently, or raises)")
+                                             f"{tuple(leaf.shape)} (autograd sums a broadcastable one down "
+                                             "silently, or raises)")
         return out
 
     return apply
@@ -195,6 +198,63 @@ def _defines_no_jvp(fn: Any) -> str | None:
     return None
 
 
+def direction(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random direction with components ``+-max(1, |x|)``: no element is invisible, steps stay relative."""
+    signs = torch.randint(0, 2, x.shape, generator=generator).to(x.device, DTYPE) * 2 - 1
+    return signs * x.abs().clamp(min=1.0)
+
+
+@dataclass
+class Directional:
+    """A vector function of ``t`` (the point ``x + t d``) and its derivative at 0 according to autograd."""
+
+    at: Callable[[float], dict[Any, torch.Tensor]]  # flat float64 vectors, one per key
+    analytical: dict[Any, torch.Tensor]  # flat float64, same keys
+    has_grad: dict[Any, bool]
+    names: dict[Any, str]  # row names
+    shapes: dict[Any, tuple[int, ...]]
+    kind: str
+
+
+def judge_directional(ex: Extras, problem: Directional) -> list[ParameterResult]:
+    """Each element of ``d/dt f(x + t d)`` against central differences, with the tolerance model of `_compare`.
+
+    The noise of every element is measured (ECNoise on 9 tiny steps), the first pass uses ``t = +-h``,
+    and the elements over tolerance get the second look at ``+-2h`` (Richardson, kink test), as for gradients.
+    """
+    h = ex.settings.eps
+    noise_step = 1e-2 * math.sqrt(unit_roundoff(DTYPE))
+
+    def at(t: float) -> dict[Any, torch.Tensor]:
+        ex.evaluations += 1
+        return problem.at(t)
+
+    steps = {t: at(t * h) for t in (-2, -1, 1, 2)}
+    center = at(0.0)
+    noise = [at(j * noise_step) for j in range(-(NOISE_POINTS // 2), NOISE_POINTS // 2 + 1)]
+    rows = []
+    for key, a in problem.analytical.items():
+        sigma = torch.maximum(_noise_per_element(torch.stack([p[key] for p in noise])),
+                              unit_roundoff(DTYPE) * center[key].abs())
+        span = torch.full_like(a, 2 * h)
+        numerical = (steps[1][key] - steps[-1][key]) / span
+        tol = first_tolerance(numerical, span, sigma, ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
+        bad = ~((a - numerical).abs() <= tol)
+        kink = torch.zeros_like(bad)
+        if bool(bad.any()):
+            w = bad.nonzero().flatten()
+            pts = [steps[-2][key][w], steps[-1][key][w], center[key][w], steps[1][key][w], steps[2][key][w]]
+            wide = (pts[4] - pts[0]) / (4 * h)
+            j = judge_second_look(a[w], numerical[w], span[w] / 2, span[w], torch.stack(pts, 1), wide, sigma[w],
+                                  ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
+            numerical, tol = numerical.clone(), tol.clone()
+            numerical[w], tol[w], kink[w] = j.numerical, j.tolerance, j.kink
+        check = TensorCheck(analytical=a, numerical=numerical, tolerance=tol, kink=kink, sigma=float(sigma.max()))
+        target = Target(problem.names[key], center[key].view(problem.shapes[key]), kind=problem.kind)
+        rows.append(summarise(target, check, problem.has_grad[key]))
+    return rows
+
+
 def check_forward_mode(ex: Extras) -> list[ParameterResult]:
     """One row per (output, input): ``jvp`` along a random direction vs the numerical directional derivative."""
     call = ex.call
@@ -206,59 +266,32 @@ def check_forward_mode(ex: Extras) -> list[ParameterResult]:
     rows = []
     for s in call.slots:
         x = base[s.key]
-        signs = torch.randint(0, 2, x.shape, generator=ex.generator).to(x.device, DTYPE) * 2 - 1
-        d = signs * x.abs().clamp(min=1.0)
+        d = direction(x, ex.generator)
         try:
             with fwAD.dual_level(), torch.enable_grad():
-                reseed(ex.seed)
+                call.prepare(ex.seed)
                 outs = float_outputs(call.call_with({**base, s.key: fwAD.make_dual(x, d)}))
-                tangents = {k: fwAD.unpack_dual(t).tangent for k, t in outs}
-                tangents = {k: (torch.zeros(t.numel(), dtype=DTYPE, device=t.device) if tangents[k] is None
-                                else tangents[k].detach().to(DTYPE).reshape(-1).clone()) for k, t in outs}
+                raw = {k: fwAD.unpack_dual(t).tangent for k, t in outs}
+                tangents = {k: (torch.zeros(t.numel(), dtype=DTYPE, device=t.device) if raw[k] is None
+                                else raw[k].detach().to(DTYPE).reshape(-1).clone()) for k, t in outs}
                 shapes = {k: tuple(t.shape) for k, t in outs}
         except (NotImplementedError, RuntimeError) as exc:
             first = (str(exc).splitlines() or [""])[0][:160]
-            ex.notes.append(f"forward mode: not checked: forward-mode AD is not available ({type(exc).__name__}: {first})")
+            ex.notes.append(f"forward mode: not checked: forward-mode AD is not available "
+                            f"({type(exc).__name__}: {first})")
             return []
-        rows += _judge_jvp(ex, s, x, d, tangents, shapes, base)
+
+        def at(t: float, s: Any = s, x: torch.Tensor = x, d: torch.Tensor = d,
+               keys: Any = tuple(tangents)) -> dict[Any, torch.Tensor]:
+            with torch.no_grad():
+                call.prepare(ex.seed)
+                out = dict(float_outputs(call.call_with({**base, s.key: x + t * d})))
+                return {k: out[k].detach().to(DTYPE).reshape(-1) for k in keys}
+
+        names = {k: f"jvp of {ex.output(k)} along {s.name}" for k in tangents}
+        rows += judge_directional(ex, Directional(at, tangents, dict.fromkeys(tangents, True), names, shapes,
+                                                  "forward mode"))
     ex.notes.append("forward mode: jvp checked against directional finite differences")
-    return rows
-
-
-def _judge_jvp(ex: Extras, s: Any, x: torch.Tensor, d: torch.Tensor, tangents: dict[int, torch.Tensor],
-               shapes: dict[int, tuple[int, ...]], base: dict[str, torch.Tensor]) -> list[ParameterResult]:
-    h = ex.settings.eps
-    noise_step = 1e-2 * math.sqrt(unit_roundoff(DTYPE))
-
-    def at(t: float) -> dict[int, torch.Tensor]:
-        with torch.no_grad():
-            reseed(ex.seed)
-            out = dict(float_outputs(ex.call.call_with({**base, s.key: x + t * d})))
-            ex.evaluations += 1
-            return {k: out[k].detach().to(DTYPE).reshape(-1) for k in tangents}
-
-    steps = {t: at(t * h) for t in (-2, -1, 1, 2)}
-    center = at(0.0)
-    noise = [at(j * noise_step) for j in range(-(NOISE_POINTS // 2), NOISE_POINTS // 2 + 1)]
-    rows = []
-    for k, a in tangents.items():
-        sigma = torch.maximum(_noise_per_element(torch.stack([p[k] for p in noise])),
-                              unit_roundoff(DTYPE) * center[k].abs())
-        span = torch.full_like(a, 2 * h)
-        numerical = (steps[1][k] - steps[-1][k]) / span
-        tol = first_tolerance(numerical, span, sigma, ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
-        bad = ~((a - numerical).abs() <= tol)
-        kink = torch.zeros_like(bad)
-        if bool(bad.any()):
-            w = bad.nonzero().flatten()
-            values = torch.stack([steps[-2][k][w], steps[-1][k][w], center[k][w], steps[1][k][w], steps[2][k][w]], 1)
-            j = judge_second_look(a[w], numerical[w], span[w] / 2, span[w], values, (steps[2][k][w] - steps[-2][k][w])
-                                  / (4 * h), sigma[w], ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
-            numerical, tol = numerical.clone(), tol.clone()
-            numerical[w], tol[w], kink[w] = j.numerical, j.tolerance, j.kink
-        check = TensorCheck(analytical=a, numerical=numerical, tolerance=tol, kink=kink, sigma=float(sigma.max()))
-        target = Target(f"jvp of {ex.output(k)} along {s.name}", center[k].view(shapes[k]), kind="forward mode")
-        rows.append(summarise(target, check, True))
     return rows
 
 
@@ -321,7 +354,7 @@ def check_noncontiguous(ex: Extras) -> list[ParameterResult]:
 def determinism_results(ex: Extras, nondet_tol: float) -> list[ParameterResult]:
     """Run forward and backward again; a row per (output, input) that differs by more than `nondet_tol`."""
     call = ex.call
-    values = {key: leaf for key, leaf in call.leaves().items()}
+    values = call.leaves()
     _, again = vjp_at(call, values, ex.cotangents, ex.seed)
     rows, worst = [], 0.0
     for k in ex.cotangents:

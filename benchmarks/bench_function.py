@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from function_corpus import BUGS, CORRECT  # noqa: E402
+from function_corpus import BUGS, CORRECT
 
-from torchgradcheck import verify_function  # noqa: E402
+from torchgradcheck import verify_function
 
 pytestmark = pytest.mark.benchmark(group="function")
 

@@ -16,8 +16,9 @@ def _state(tree):
     """Everything about the caller's tensors that a check must leave as it was."""
     if isinstance(tree, torch.Tensor):
         t = tree.detach()
+        grad = tree.grad if tree.is_leaf and tree.grad is not None else None
         return (str(t.dtype), tuple(t.shape), t.stride(), t.data_ptr(), tree.requires_grad, tree._version,
-                None if not tree.is_leaf or tree.grad is None else tree.grad.clone(), t.cpu().contiguous().numpy().tobytes())
+                None if grad is None else grad.clone(), t.cpu().contiguous().numpy().tobytes())
     if isinstance(tree, dict):
         return {k: _state(v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
@@ -136,17 +137,46 @@ def test_verify_function_second_order_row_and_option():
     first = [r for r in report.results if r.kind == "input"]
     assert all(r.passed for r in first)  # the first derivative is right ...
     (row,) = report.failures  # ... the second is not
-    assert row.name == "2nd order: grad w.r.t. x" and row.status == "no gradient"
+    assert (row.name, row.status) == ("2nd order: grad w.r.t. x", "no gradient")
     assert ".detach()" in row.note
     off = verify_function(fn, *args, second_order=False, **kwargs)
-    assert off.passed and "second order: off (second_order=False)" in off.notes
+    assert off.passed
+    assert "second order: off (second_order=False)" in off.notes
+
+
+def test_verify_function_second_order_catches_a_detached_cross_term():
+    class Mul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return x * w
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            return g * w.detach(), g * x  # d(grad_x)/dw is lost; d(grad_w)/dx is kept
+
+    x, w = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    report = _check((Mul.apply, (x, w), {}))
+    assert [r.name for r in report.failures] == ["2nd order: grad w.r.t. w"]
+    assert report.evaluations < 150  # second order costs O(1) evaluations, not O(N)
+
+
+def test_verify_function_module_with_buffers_in_train_mode():
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh()).double().train()
+    x = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+    before = snapshot(model)
+    report = verify_function(model, x)
+    assert report.passed, report
+    assert_unchanged(before, model)  # running stats and num_batches_tracked untouched
 
 
 def test_verify_function_second_order_is_checked_on_correct_twin():
     fn, args, kwargs = CORRECT["cube"]()
     report = verify_function(fn, *args, **kwargs)
     (row,) = [r for r in report.results if r.kind == "second order"]
-    assert row.status == "ok" and row.relative_error < 1e-8
+    assert row.status == "ok"
+    assert row.relative_error < 1e-8
 
 
 def test_verify_function_once_differentiable_is_a_note_not_a_failure():
@@ -189,7 +219,7 @@ def test_verify_function_noncontiguous_raise_is_a_failure():
     x = torch.randn(3, 4, dtype=torch.float64, requires_grad=True)
     report = _check((NeedsContiguous.apply, (x,), {}))
     (row,) = report.failures
-    assert row.status == "error" and row.name == "non-contiguous: grad w.r.t. x"
+    assert (row.status, row.name) == ("error", "non-contiguous: grad w.r.t. x")
     assert "with non-contiguous inputs" in row.note
     assert verify_function(NeedsContiguous.apply, x, noncontiguous=False).passed
 
@@ -198,9 +228,11 @@ def test_verify_function_determinism_reported_after_correctness():
     report = _check(BUGS["stale_buffer"]())
     kinds = [r.kind for r in report.results]
     assert kinds[-1] == "determinism"
-    assert report.results[0].kind == "input" and report.results[0].passed  # the first run is right
+    assert report.results[0].kind == "input"
+    assert report.results[0].passed  # the first run is right
     (row,) = [r for r in report.results if r.kind == "determinism"]
-    assert row.status == "nondeterministic" and row.max_abs_error > 0
+    assert row.status == "nondeterministic"
+    assert row.max_abs_error > 0
 
 
 def test_verify_function_nondet_tol_allows_small_differences():
@@ -227,7 +259,7 @@ def test_verify_function_names_keyword_and_varargs_inputs():
 
 
 def test_verify_function_passes_keyword_to_fn():
-    fn, args, kwargs = CORRECT["scaled_tanh"]()
+    _, args, kwargs = CORRECT["scaled_tanh"]()
     assert kwargs["scale"] == 3.0
     assert verify_function(scaled_tanh, *args, scale=3.0).passed
     assert not verify_function(scaled_tanh, *args, scale=3.0, bug="ignores_scale").passed
@@ -309,7 +341,7 @@ def test_verify_function_rejects_nothing_differentiable():
 
 def test_verify_function_rejects_option_typo():
     x = torch.randn(3, requires_grad=True)
-    with pytest.raises(InvalidArgumentTypeError, match=r"unknown keyword second_ordr=False.*Did you mean second_order="):
+    with pytest.raises(InvalidArgumentTypeError, match=r"unknown keyword second_ordr=False.*Did you mean second_ord"):
         verify_function(torch.sin, x, second_ordr=False)
     with pytest.raises(InvalidArgumentTypeError, match=r"unknown keyword scale=2"):
         verify_function(lambda x: x.sin(), x, scale=2)

@@ -110,9 +110,11 @@ class _Call:
     in_nodes: list[Any] | None = None
     out_spec: Any = None
     out_grad: list[int] | None = None  # positions of flat outputs that carry gradient
-    out_like: list[torch.Tensor] | None = None  # (shape, dtype, device) of those outputs
+    out_like: list[tuple[torch.Size, torch.dtype, torch.device]] | None = None  # of those outputs
     out_nodes: list[Any] | None = None
     order: int = -1  # completion order
+    versions: dict[int, int] | None = None  # id -> version of the input tensors when the call began
+    passthrough: bool = False  # returns its inputs themselves (nn.Identity, eval-mode Dropout): nothing to check
     functions: tuple[str, ...] = ()
 
     def ancestors(self) -> list[_Call]:
@@ -145,6 +147,7 @@ def _capture(model: nn.Module, objective: Objective) -> tuple[list[_Call], Any]:
         call = _Call(name, module, stack[-1] if stack else None, spec,
                      [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves], carries,
                      [x.grad_fn for x, c in zip(leaves, carries) if c and x.grad_fn is not None])
+        call.versions = {id(x): x._version for x in leaves if isinstance(x, torch.Tensor)}
         calls.append(call)
         stack.append(call)
 
@@ -153,7 +156,12 @@ def _capture(model: nn.Module, objective: Objective) -> tuple[list[_Call], Any]:
         outs, call.out_spec = pytree.tree_flatten(output)
         call.out_grad = [i for i, t in enumerate(outs)
                          if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
-        call.out_like = [torch.empty_like(outs[i], memory_format=torch.contiguous_format) for i in call.out_grad]
+        # returned an input itself, unmodified (in-place modules bump its version: they computed something)
+        versions = call.versions or {}
+        call.passthrough = bool(call.out_grad) and all(
+            versions.get(id(outs[i])) == outs[i]._version for i in call.out_grad
+        )
+        call.out_like = [(outs[i].shape, outs[i].dtype, outs[i].device) for i in call.out_grad]
         call.out_nodes = [outs[i].grad_fn for i in call.out_grad if outs[i].grad_fn is not None]
         call.order = done[0]
         done[0] += 1
@@ -207,8 +215,8 @@ class _Probe(nn.Module):
         self.site = call.module
         self.spec, self.leaves = call.spec, list(call.leaves or ())
         self.out_grad = list(call.out_grad or ())
-        self.upstream = [torch.randn(t.shape, generator=generator, dtype=t.dtype).to(t.device)
-                         for t in call.out_like or ()]
+        self.upstream = [torch.randn(shape, generator=generator, dtype=dtype).to(device)
+                         for shape, dtype, device in call.out_like or ()]
         self.checked: dict[str, str] = {}  # probe parameter name -> what it stands for
         self.inputs: dict[int, tuple[str, torch.Tensor | None, bool]] = {}
         for i, (x, carries) in enumerate(zip(self.leaves, call.carries or ())):
@@ -360,7 +368,7 @@ def localise(
         del loss
         lent.reset_buffers()
         sites = [c for c in sorted(calls, key=lambda c: -c.order)
-                 if not any(True for _ in c.module.children()) or c.functions
+                 if (not any(True for _ in c.module.children()) and not c.passthrough) or c.functions
                  or c.module._backward_hooks or c.module._backward_pre_hooks]
         verdicts = {id(c): _check(c, dtype, seed, engine, max_elements, directions) for c in sites}
     first: _Call | None = None

@@ -256,3 +256,11 @@ def test_gradcheck_on_cuda_checks_there_and_gives_the_model_back():
     with pytest.raises(GradientMismatchError):
         Gradcheck(device="cuda")(model, loss_fn, batch)
     assert model[0].weight.device.type == "cpu"
+
+
+def test_plugin_modes_mirror_verify_module_modes():
+    # the plugin keeps its own copy (importing _modes would import torch at pytest start-up)
+    from torchgradcheck._modes import MODES as VERIFY_MODES
+    from torchgradcheck.pytest_plugin import MODES
+
+    assert sorted(MODES) == sorted(VERIFY_MODES)

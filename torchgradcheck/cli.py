@@ -1,4 +1,9 @@
-"""Command line: ``torchgradcheck demo`` and ``torchgradcheck check FILE.py:FACTORY``."""
+"""Command line: ``torchgradcheck demo`` and ``torchgradcheck check FILE.py:FACTORY``.
+
+Exit status: 0 when the verdicts are as expected (check: the gradients agree), 1 when ``check`` finds a
+mismatch, 2 for anything that is not a verdict (a bad FILE.py:FACTORY, a factory or model that raises,
+an invalid argument; the message goes to stderr), as for argparse's own usage errors.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,18 @@ import argparse
 import importlib.util
 import json
 import sys
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 __all__ = ["main"]
+
+EXIT_ERROR = 2  # not a verdict: bad usage, or the user's code raised
+
+
+class _Usage(Exception):
+    """A message for stderr and exit status 2, without a traceback."""
 
 
 def _add_check_options(p: argparse.ArgumentParser) -> None:
@@ -44,7 +56,7 @@ def _plot(report: Any, path: str | None, case: int | None = None) -> None:
     try:
         report.plot(path)
     except ImportError as exc:
-        raise SystemExit(f"torchgradcheck: --plot: {exc}") from None
+        raise _Usage(f"--plot: {exc}") from None
     print(f"plot written to {path}", file=sys.stderr)
 
 
@@ -53,45 +65,79 @@ def _demo(args: argparse.Namespace) -> int:
     from ._verify import verify_module
 
     ok = True
+    cases = []
     for case, (title, model, loss_fn, batch, expected) in enumerate(demo_cases(), 1):
-        print(f"== {title} (expected: {'pass' if expected else 'fail'})")
         report = verify_module(model, loss_fn, batch, **_options(args))
-        _print(report, args.json)
+        if args.json:  # stdout stays one JSON document
+            cases.append({"title": title, "expected_pass": expected, "report": report.to_dict()})
+        else:
+            print(f"== {title} (expected: {'pass' if expected else 'fail'})")
+            _print(report, False)
+            print()
         _plot(report, args.plot, case)
-        print()
         ok &= report.passed == expected
-    print("demo: both verdicts as expected" if ok else "demo: UNEXPECTED verdict")
-    return 0 if ok else 2
+    if args.json:
+        print(json.dumps({"as_expected": ok, "cases": cases}, indent=2))
+    summary = "demo: both verdicts as expected" if ok else "demo: UNEXPECTED verdict"
+    print(summary, file=sys.stderr if args.json else sys.stdout)
+    return 0 if ok else EXIT_ERROR
 
 
 def _load_factory(spec: str) -> Any:
     path, _, name = spec.rpartition(":")
     if not path or not name:
-        raise SystemExit(f"torchgradcheck check: expected FILE.py:FACTORY, got {spec!r}")
+        raise _Usage(f"expected FILE.py:FACTORY (e.g. models.py:make_case), got {spec!r}")
     file = Path(path)
     if not file.is_file():
-        raise SystemExit(f"torchgradcheck check: no such file {path!r}")
+        raise _Usage(f"no such file {path!r} (from {spec!r}); give a path to a Python file")
     module_spec = importlib.util.spec_from_file_location(file.stem, file)
-    assert module_spec is not None and module_spec.loader is not None
+    if module_spec is None or module_spec.loader is None:
+        raise _Usage(f"cannot import {path!r}; give a path to a Python file (.py)")
     module = importlib.util.module_from_spec(module_spec)
-    sys.path.insert(0, str(file.parent.resolve()))
-    module_spec.loader.exec_module(module)
+    sys.path.insert(0, str(file.parent.resolve()))  # so the file can import its neighbours
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception:
+        traceback.print_exc()
+        raise _Usage(f"importing {path} raised (traceback above)") from None
     factory = getattr(module, name, None)
     if not callable(factory):
-        raise SystemExit(f"torchgradcheck check: {path} has no callable {name!r}")
+        names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
+        raise _Usage(f"{path} has no callable {name!r}; callables there: {names[:10]}")
     return factory
 
 
 def _check(args: argparse.Namespace) -> int:
+    from ._errors import TorchGradcheckError
     from ._verify import verify_module
 
-    made = _load_factory(args.target)()
-    if isinstance(made, dict):
-        report = verify_module(**made, **_options(args))
-    elif isinstance(made, (tuple, list)) and len(made) == 3:
-        report = verify_module(*made, **_options(args))
-    else:
-        raise SystemExit("torchgradcheck check: the factory must return (model, loss_fn, batch) or a dict of arguments")
+    saved_path = list(sys.path)
+    try:
+        factory = _load_factory(args.target)
+        try:
+            made = factory()
+        except Exception:
+            traceback.print_exc()
+            raise _Usage(f"{args.target}() raised (traceback above)") from None
+        if isinstance(made, dict):
+            call_args: tuple[Any, ...] = ()
+            kwargs = dict(made)
+        elif isinstance(made, (tuple, list)) and len(made) == 3:
+            call_args, kwargs = tuple(made), {}
+        else:
+            raise _Usage(
+                f"{args.target}() must return (model, loss_fn, batch) or a dict of verify_module arguments, "
+                f"got {type(made).__name__}"
+            )
+        try:
+            report = verify_module(*call_args, **kwargs, **_options(args))
+        except TorchGradcheckError as exc:  # a bad argument: the message says the fix
+            raise _Usage(str(exc)) from None
+        except Exception:  # the model or loss raised: show where, but never exit 1 (that means "mismatch")
+            traceback.print_exc()
+            raise _Usage("the check raised (traceback above)") from None
+    finally:
+        sys.path[:] = saved_path
     _print(report, args.json)
     _plot(report, args.plot)
     return 0 if report.passed else 1
@@ -108,7 +154,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_check_options(check)
     check.set_defaults(run=_check)
     args = parser.parse_args(argv)
-    return int(args.run(args))
+    try:
+        return int(args.run(args))
+    except _Usage as exc:
+        print(f"torchgradcheck {args.command}: {exc}", file=sys.stderr)
+        return EXIT_ERROR
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 import pytest
 import torch
 from corpus import BUGS, CORRECT
-from deep_corpus import DEEP, DeepNet, MySwish
+from deep_corpus import DEEP, DeepNet, MySwish, _SwishFn
 from helpers import assert_unchanged, snapshot
 from torch import nn
 
@@ -213,3 +213,35 @@ def test_localise_batchnorm_train_leaves_running_stats_alone():
     loc = _localise(model, lambda out: out.sum(), torch.randn(8, 4))
     assert loc.first_wrong == "2"
     assert next(s for s in loc.checked if s.name == "1").status == "ok"
+
+
+class _Container(nn.Module):
+    """A non-leaf module that calls a custom Function in its own forward, around its children."""
+
+    def __init__(self, own_bug: bool, child_bug: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.inner = MySwish(bug=child_bug)
+        self.own_bug = own_bug
+
+    def forward(self, x):
+        return _SwishFn.apply(self.inner(self.fc(x)), self.own_bug)
+
+
+@pytest.mark.parametrize(("own_bug", "child_bug", "expected"), [(True, False, "0"), (False, True, "0.inner"),
+                                                                 (False, False, None)])
+def test_localise_custom_function_in_a_container_forward(own_bug, child_bug, expected):
+    model = nn.Sequential(_Container(own_bug, child_bug), nn.Linear(4, 2))
+    loc = _localise(model, nn.MSELoss(), (torch.randn(5, 4), torch.randn(5, 2)))
+    assert [(s.name, s.functions) for s in loc.checked] == [
+        ("1", ()), ("0", ("_SwishFn",)), ("0.inner", ("_SwishFn",)), ("0.fc", ())]
+    assert loc.first_wrong == expected, loc
+    # a container around a wrong child fails too, but the blame goes to the child
+    assert loc.checked[1].status == ("wrong" if own_bug or child_bug else "ok")
+
+
+@pytest.mark.parametrize("case", ["deep_buggy_activation", "deep_correct"])
+def test_localise_in_the_model_dtype(case):
+    model, loss_fn, batch, expected = DEEP[case]()
+    loc = _localise(model, loss_fn, batch, dtype=None)  # float32 throughout
+    assert loc.first_wrong == expected, loc

@@ -127,7 +127,7 @@ def _strip(ax: Axes, report: Report) -> None:
     ax.axhline(1.0, color=_BAD, linewidth=1, linestyle="--")
     ax.annotate("tolerance", (len(columns) - 0.5, 1.0), ha="right", va="bottom", fontsize=8, color=_BAD)
     ax.set_yscale("log")
-    ax.set_ylim(bottom, top)
+    ax.set_ylim(bottom / 2, top)  # exact zeros sit on the floor, still visible
     ax.set_xlim(-0.6, len(columns) - 0.4)
     ax.set_xticks(range(len(columns)))
     ax.set_xticklabels(labels, fontsize=8, rotation=30 if len(columns) > 6 else 0,
@@ -166,10 +166,12 @@ def _heatmap(fig: Figure, ax: Axes, r: ParameterResult) -> None:
     err, over, note = heatmap_grid(r)
     finite = err[np.isfinite(err) & (err > 0)]
     high = float(finite.max()) if finite.size else 1.0
-    low = max(float(finite.min()) if finite.size else high * 1e-6, high * 1e-8)
+    low = min(max(float(finite.min()) if finite.size else 0.0, high * 1e-8), high / 10)
+    if np.isinf(err).any():  # infinite errors get the brightest colour, above every finite one
+        high *= 10
     shown = np.ma.masked_invalid(np.clip(np.where(np.isinf(err), high, err), low, high))  # NaN: not checked
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = ax.imshow(shown, norm=LogNorm(vmin=low, vmax=max(high, low * 10)), cmap=cmap,
+    image = ax.imshow(shown, norm=LogNorm(vmin=low, vmax=high), cmap=cmap,
                       aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="|autograd − numerical|", shrink=0.9)  # noqa: RUF001
     rows, cols = np.nonzero(over)

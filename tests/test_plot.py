@@ -219,3 +219,22 @@ def test_report_plot_of_verify_function_shows_an_edge_bug():
     assert len(fig.axes) == 3
     _, over, _ = heatmap_grid(report.failures[0])
     assert set(np.nonzero(over)[1].tolist()) == {8}  # every failing element is in the last column
+
+
+def test_report_plot_survives_non_finite_and_empty_reports():
+    from torchgradcheck import ElementResult, ParameterResult, Report
+    from torchgradcheck._report import ElementErrors
+
+    err = np.array([np.inf, 0.0, 1e-3, np.nan], dtype=np.float32)  # NaN: not checked
+    tol = np.array([1e-6, 0.0, 1e-6, np.nan], dtype=np.float32)
+    broken = ParameterResult(name="w", shape=(2, 2), status="mismatch", checked=3, failed=2,
+                             worst=(ElementResult((0, 0), math.nan, 1.0, math.inf, 1e-6),),
+                             errors=ElementErrors(err, tol, np.zeros(4, dtype=bool)))
+    fig = Report(call="verify_module", results=(broken,), relative_error=math.nan).plot()
+    _, over, _ = heatmap_grid(broken)
+    assert over.tolist() == [[True, False], [True, False]]
+    image = fig.axes[1].images[0].get_array()
+    assert bool(image.mask[1, 1])  # the unchecked element is masked (drawn grey)
+    assert float(image[0, 0]) > float(image[1, 0])  # the infinite error is the brightest
+    skipped = ParameterResult(name="frozen", shape=(3,), status="skipped")
+    assert len(Report(call="verify_module", results=(skipped,), relative_error=0.0).plot().axes) == 1

@@ -258,6 +258,16 @@ def test_verify_function_names_keyword_and_varargs_inputs():
         "grad w.r.t. xs[0]", "grad w.r.t. xs[1]", "grad w.r.t. scale"]
 
 
+def test_verify_function_names_tensors_inside_a_list():
+    def f(xs, w):
+        return torch.stack(xs) @ w
+
+    xs = [torch.randn(3, requires_grad=True), torch.randn(3)]  # the second is passed through unchecked
+    report = _check((f, (xs, torch.randn(3, 2, requires_grad=True)), {}))
+    assert report.passed, report
+    assert [r.name for r in report.results if r.kind == "input"] == ["grad w.r.t. xs[0]", "grad w.r.t. w"]
+
+
 def test_verify_function_passes_keyword_to_fn():
     _, args, kwargs = CORRECT["scaled_tanh"]()
     assert kwargs["scale"] == 3.0

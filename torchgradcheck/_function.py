@@ -14,8 +14,10 @@ The callable becomes a small private module so the `verify_module` engine can ru
   do for `verify_module`, with the same tolerance model, and produce one `ParameterResult` per
   (output, input) pair, named like ``grad of output 1 w.r.t. w``.
 
-The extra checks (second order, forward mode, non-contiguous inputs, determinism, the metadata of
-what ``backward`` returns) live in `_function_extras`.
+The extra checks live in `_function_extras` (forward mode, non-contiguous inputs, determinism, the
+dtype/shape/device of what ``backward`` returns) and `_function_second` (second derivatives).
+Old-style Functions (``forward(ctx, ...)``) can't run under vmap: as in `verify_module`, the engine
+falls back to the loop (`_verify._vmap_agrees` decides) and says so in a note.
 """
 
 from __future__ import annotations
@@ -231,9 +233,13 @@ def verify_function(
 
     Every floating output is projected on a fixed random cotangent ``v_k`` and the vector-Jacobian
     product from ``backward`` is compared, element by element, with central differences in float64
-    (the tolerance model of `verify_module`). Then, by default: second derivatives (double backward)
-    when the backward is differentiable, the ``jvp`` (forward mode) when one is defined, the backward
-    on non-contiguous (transposed/strided) copies of the inputs, and determinism (backward run twice).
+    (the tolerance model of `verify_module`). Then, by default, in this order and each in its own rows:
+    second derivatives (the double backward along a random direction, against differences of the
+    backward; skipped with a note for ``@once_differentiable`` or when the first derivatives already
+    fail), the ``jvp`` (forward mode; skipped with a note when the Function defines none), the backward
+    on non-contiguous (transposed/strided) copies of the inputs, and determinism (the backward run
+    twice; a row only when the runs differ). A gradient that ``backward`` returns with the wrong
+    dtype, shape or device fails its row by name, even where autograd would cast or reduce it.
 
     Options are keyword-only and their names are reserved: every other keyword goes to ``fn``. A
     keyword that ``fn`` does not name and that looks like an option (``second_ordr=``) is an error.
@@ -245,7 +251,8 @@ def verify_function(
         *args: positional arguments of ``fn``. Tensors with ``requires_grad=True`` (top level or in
             tuples/lists/dicts) are checked, as float64 copies; other floating tensors are passed as
             float64 copies; integer tensors and non-tensors unchanged. The caller's tensors are never
-            modified or converted, even if ``fn`` raises.
+            modified or converted, even if ``fn`` raises. If ``fn`` is a module (or its bound method),
+            its parameters hold float64 copies during the check and are restored bit-exactly.
         eps: relative step; the step of element t is ``eps * max(1, |t|)`` (default 6e-6).
         rtol: relative floor of each element's tolerance (default 1e-6).
         atol: absolute floor added to each element's tolerance (default 0: the measured noise sets it).
@@ -265,7 +272,13 @@ def verify_function(
 
     Raises:
         InvalidArgumentTypeError: ``fn`` is not callable, an option has the wrong type, or a keyword is unknown.
-        InvalidArgumentError: no input requires grad, ``fn`` returns nothing differentiable, a bad option.
+        InvalidArgumentError: no input requires grad, ``fn`` returns nothing differentiable (or a
+            non-finite value), a complex or non-finite input, a bad option.
+        Any exception ``fn`` itself raises propagates unchanged (the caller's tensors are untouched).
+
+    Sharp edges: complex inputs are not supported; an expanded input (overlapping memory) is checked
+    as a contiguous copy whose elements are independent, with a note; nested tensors inside
+    tuples/lists/dicts are checked too and named like ``xs[1]``.
 
     Example:
         >>> x = torch.randn(4, 3, requires_grad=True)

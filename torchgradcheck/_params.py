@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-__all__ = ["Lent", "Target", "lend_model", "select_parameters"]
+__all__ = ["Lent", "Target", "lend_model", "parameter_names", "select_parameters"]
 
 
 @dataclass(eq=False)
@@ -124,12 +124,25 @@ def lend_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[Lent]:
         lent.restore()
 
 
+def parameter_names(model: nn.Module) -> dict[int, list[str]]:
+    """Every name of every parameter, keyed by ``id``: a tied parameter has several."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return names
+
+
 def select_parameters(
     model: nn.Module, patterns: Sequence[str] | None
 ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, str]]]:
-    """Trainable floating parameters (first name of tied ones) and the skipped ones with a reason."""
+    """Trainable floating parameters (first name of tied ones) and the skipped ones with a reason.
+
+    A pattern selects a tied parameter if it matches any of its names (``head.weight`` tied to
+    ``embedding.weight`` is selected by either); the parameter is reported under its first name.
+    """
     checked: list[tuple[str, nn.Parameter]] = []
     skipped: list[tuple[str, str]] = []
+    aliases = parameter_names(model)
     seen: set[int] = set()
     for name, param in model.named_parameters(remove_duplicate=False):
         if id(param) in seen:
@@ -141,7 +154,9 @@ def select_parameters(
             skipped.append((name, "frozen"))
         elif param.is_complex():
             skipped.append((name, "complex (not supported)"))
-        elif patterns is not None and not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+        elif patterns is not None and not any(
+            fnmatch.fnmatchcase(alias, p) for alias in aliases[id(param)] for p in patterns
+        ):
             skipped.append((name, "not selected by params="))
         else:
             checked.append((name, param))

@@ -6,7 +6,8 @@ gradcheck gets float64 copies of the same inputs (it wants double precision) and
 counts as a FAIL verdict (any other exception,
 e.g. its refusal of an expanded input, as "raised"). A verdict is right when a bug FAILs and a correct twin passes.
 
-Run ``python benchmarks/bench_function.py`` for the markdown table (one thread, after a warm-up),
+Run ``python benchmarks/bench_function.py`` for the markdown table (one thread, after an untimed
+warm-up run of each case),
 or ``pytest benchmarks`` (verify_function's verdicts asserted, gradcheck's recorded).
 """
 
@@ -88,7 +89,7 @@ def table() -> str:
     """The markdown table: one row per corpus case, then the count of right verdicts per checker."""
     # One thread: on a loaded 2-core machine two OpenMP threads make a tiny matmul ~1000x slower.
     torch.set_num_threads(1)
-    for case in ("plain_ops", "linear"):  # warm-up: the first vmap in a process pays a one-off setup cost
+    for case in CASES:  # untimed warm-up: torch's first vmap of an op in a process costs up to seconds
         _ours(case)
     rows = ["| case | planted bug | verify_function | time | gradcheck | time | gradcheck fast | time |",
             "|---|---|---|---|---|---|---|---|"]
@@ -122,6 +123,38 @@ def test_bench_gradcheck(case, fast):
     assert isinstance(passed, (bool, str))
 
 
+def scaling() -> str:
+    """A larger correct case (2,576 inputs): the hand-written Linear (loop engine) and F.linear (vmap engine)."""
+    import torch.nn.functional as F
+    from function_corpus import Linear
+
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(64, 32), (16, 32), (16,)]
+    rows = ["| fn (x 64x32, w 16x32, b 16) | checker | verdict | time |", "|---|---|---|---|"]
+    for label, fn in [("Linear.apply (old-style Function)", lambda x, w, b: Linear.apply(x, w, b, None)),
+                      ("F.linear (built-in)", F.linear)]:
+        inputs = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_(True) for s in shapes]
+        runs = [
+            ("verify_function", lambda fn=fn, inputs=inputs: verify_function(fn, *inputs).passed),
+            ("verify_function(second_order=False)",
+             lambda fn=fn, inputs=inputs: verify_function(fn, *inputs, second_order=False).passed),
+            ("gradcheck", lambda fn=fn, inputs=inputs: torch.autograd.gradcheck(fn, inputs)),
+            ("gradcheck(fast_mode=True)",
+             lambda fn=fn, inputs=inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True)),
+        ]
+        for name, run in runs:
+            run()  # untimed warm-up (torch's first-use costs)
+            start = time.perf_counter()
+            ok = run()
+            rows.append(f"| {label} | {name} | {'pass' if ok else 'FAIL'} | {time.perf_counter() - start:.2f} s |")
+    return "\n".join(rows)
+
+
 if __name__ == "__main__":
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads\n")
-    print(table())
+    out = table()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), after one untimed run of each case\n")
+    print(out)
+    if "--no-scaling" not in sys.argv:
+        print()
+        print(scaling())

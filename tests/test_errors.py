@@ -274,13 +274,36 @@ def test_verify_module_rejects_loss_that_does_not_require_grad():
 
 
 def test_verify_module_lets_model_errors_through_unchanged():
-    """A forward that crashes is the user's error: it propagates as is, and the model is restored."""
+    """A forward that crashes is the user's error: its message reaches the caller, and the model is restored."""
     model, loss_fn, (_, y) = _setup()
     x = torch.randn(5, 7)  # before the snapshot: drawing it advances the RNG
     before = snapshot(model)
-    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+    with pytest.raises((RuntimeError, InvalidArgumentError), match=r"mat1 and mat2 shapes cannot be multiplied"):
         verify_module(model, loss_fn, (x, y))
     assert_unchanged(before, model)
+
+
+def test_verify_module_model_error_in_own_dtype_propagates_as_is():
+    """dtype=None runs the model as it is: its error comes through untouched."""
+    model, loss_fn, (_, y) = _setup()
+    x = torch.randn(5, 7)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match=r"^mat1 and mat2 shapes cannot be multiplied"):
+        verify_module(model, loss_fn, (x, y), dtype=None)
+    assert_unchanged(before, model)
+
+
+@pytest.mark.xfail(strict=True, reason="_verify._analytical wraps every RuntimeError of a float32 model run in float64 "
+                   "into 'the model failed when run in torch.float64 ... pass dtype=None', even when the model fails "
+                   "the same way in its own dtype (here a shape error): the dtype hint misleads")
+def test_verify_module_does_not_blame_dtype_for_a_shape_error():
+    model, loss_fn, (_, y) = _setup()
+    x = torch.randn(5, 7)
+    before = snapshot(model)
+    with pytest.raises(Exception) as info:  # noqa: PT011 - the type is what this test is about
+        verify_module(model, loss_fn, (x, y))
+    assert_unchanged(before, model)
+    assert "dtype=None" not in str(info.value)
 
 
 @pytest.mark.xfail(strict=True, reason="_verify.py checks params= patterns only against the first name of a tied "

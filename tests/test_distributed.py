@@ -94,6 +94,9 @@ def job_ddp(rank: int, world: int) -> dict[str, Any]:
         out[name] = _run(model, loss_fn, batch)
     model, loss_fn, batch, _ = DDP_CORRECT["ddp_mlp"](rank, world)
     out["ddp_inputs"] = _run(model, loss_fn, batch, inputs=True)
+    torch.manual_seed(0)
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(3, 2))  # float32, checked in float64
+    out["ddp_float32"] = _run(model, torch.nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
     return out
 
 
@@ -216,6 +219,14 @@ def test_verify_distributed_ddp_rejects_inputs(outcomes):
     for error, changed in (r["ddp_inputs"] for r in outcomes("ddp")):
         assert "DistributedDataParallel" in error, error
         assert "inputs=True" in error, error
+        assert not changed
+
+
+@pytest.mark.slow
+def test_verify_distributed_ddp_rejects_model_in_another_dtype(outcomes):
+    for error, changed in (r["ddp_float32"] for r in outcomes("ddp")):
+        assert "DistributedDataParallel model has torch.float32 parameters, but dtype=torch.float64" in error, error
+        assert "DDP(model.double())" in error, error
         assert not changed
 
 

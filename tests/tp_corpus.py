@@ -180,5 +180,13 @@ def ddp_sum_hook(rank: int, world: int) -> tuple:
     return ddp_mlp(rank, world, _sum_instead_of_mean)
 
 
+def ddp_batchnorm(rank: int, world: int) -> tuple:
+    """Train-mode BatchNorm under DDP: buffers broadcast from rank 0 at every forward, stats per rank's batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(D_IN, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, D_OUT)).double()
+    batch = (_full(BATCH, D_IN, seed=10 + rank), _full(BATCH, D_OUT, seed=20 + rank))
+    return nn.parallel.DistributedDataParallel(model), nn.MSELoss(), batch, None
+
+
 DDP_BUGS: dict[str, Callable[[int, int], tuple]] = {"ddp_sum_hook": ddp_sum_hook}
-DDP_CORRECT: dict[str, Callable[[int, int], tuple]] = {"ddp_mlp": ddp_mlp}
+DDP_CORRECT: dict[str, Callable[[int, int], tuple]] = {"ddp_mlp": ddp_mlp, "ddp_batchnorm": ddp_batchnorm}

@@ -16,6 +16,7 @@ Both need the same call on every rank, in the same order, like any collective.
 from __future__ import annotations
 
 import fnmatch
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -323,11 +324,20 @@ def verify_distributed(
             raise InvalidArgumentTypeError(f"{CALL}: {name}= must be True or False, got {flag!r}.")
     validate_common("verify_distributed", eps=eps, rtol=rtol, atol=atol, dtype=dtype, seed=seed, engine=engine)
     patterns = validate_patterns("verify_distributed", params)
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    # Only a model built after DDP was imported can be one (the import is slow: don't make it ourselves).
+    ddp = sys.modules.get("torch.nn.parallel.distributed")
+    is_ddp = ddp is not None and isinstance(model, ddp.DistributedDataParallel)
     if split and (placement or is_ddp):
         raise InvalidArgumentError(
             f"{CALL}: split=True is for a replicated model without collectives in its forward; a model with "
             "placement= or wrapped in DistributedDataParallel needs split=False."
+        )
+    if is_ddp and dtype is not None and any(p.is_floating_point() and p.dtype != dtype for p in model.parameters()):
+        found = sorted({str(p.dtype) for p in model.parameters() if p.is_floating_point()})
+        raise InvalidArgumentError(
+            f"{CALL}: the DistributedDataParallel model has {', '.join(found)} parameters, but dtype={dtype}: DDP's "
+            "gradient buckets keep the dtype the model had when it was wrapped, so its all-reduce would not see the "
+            f"{dtype} gradients. Convert the model before wrapping it (DDP(model.double())), or pass dtype=None."
         )
     if not split and engine == "vmap":
         raise InvalidArgumentError(f"{CALL}: engine='vmap' needs split=True: a distributed model runs every "

@@ -1,0 +1,117 @@
+"""Benchmark verify_distributed(split=True): a full check of one replicated MLP on 1 vs 2 gloo ranks (CPU).
+
+Each configuration is spawned fresh (torch.multiprocessing, gloo, file:// rendezvous, one thread per
+rank); the time is the check's own (``report.seconds``: the slowest rank, process start excluded), and
+the CPU time of the busiest rank (``time.process_time``), which is what the wall time becomes on idle
+cores: on a machine shared with other jobs, wall times say little. Correctness first: every
+configuration must reach the verdict of a single-process ``verify_module`` (a correct MLP passes, the
+same MLP with one weight 1 % wrong fails on that element), else the benchmark fails.
+
+Run: ``python -m pytest benchmarks/bench_distributed.py -s`` or ``python benchmarks/bench_distributed.py``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import pickle
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+pytestmark = pytest.mark.benchmark(group="distributed")
+
+SIZES = (32, 64, 64, 10)  # 6,922 parameters: 13,844 perturbed forwards in a full check
+BATCH = 16
+DEADLINE = 600.0
+
+
+def _problem(bug: bool) -> tuple[nn.Module, Any, Any]:
+    torch.manual_seed(0)  # the same model and batch on every rank
+    layers: list[nn.Module] = []
+    for a, b in zip(SIZES[:-1], SIZES[1:]):
+        layers += [nn.Linear(a, b), nn.Tanh()]
+    model = nn.Sequential(*layers[:-1]).double()
+    if bug:  # one weight element's gradient 1 % wrong
+        model[0].weight.register_hook(lambda g: g.index_put((torch.tensor(3), torch.tensor(7)), g[3, 7] * 1.01))
+    batch = (torch.randn(BATCH, SIZES[0], dtype=torch.float64), torch.randint(0, SIZES[-1], (BATCH,)))
+    return model, nn.CrossEntropyLoss(), batch
+
+
+def _entry(rank: int, world: int, init: str, out: str, engine: str, threads: int, bug: bool) -> None:
+    from torchgradcheck import verify_distributed
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=DEADLINE))
+    try:
+        model, loss_fn, batch = _problem(bug)
+        cpu = time.process_time()
+        report = verify_distributed(model, loss_fn, batch, split=True, engine=engine)
+        cpu = time.process_time() - cpu
+    finally:
+        dist.destroy_process_group()
+    (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps((report, cpu)))
+
+
+def sharded_check(world: int, engine: str, threads: int = 1, bug: bool = False) -> tuple[Any, float]:
+    """The report of rank 0 of a `world`-rank sharded check, and the CPU seconds of the busiest rank."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(_entry, args=(world, f"file://{tmp}/pg", tmp, engine, threads, bug), nprocs=world,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + DEADLINE
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                raise TimeoutError(f"{world} ranks did not finish within {DEADLINE} s")
+        outs = [pickle.loads((Path(tmp) / f"rank{r}.pkl").read_bytes()) for r in range(world)]
+    return outs[0][0], max(cpu for _, cpu in outs)
+
+
+def _expect(report: Any, bug: bool) -> None:
+    """The verdict of a single process: the correct MLP passes; the bug fails at 0.weight[3, 7]."""
+    assert report.passed is not bug, report
+    if bug:
+        (failure,) = report.failures
+        assert failure.name == "0.weight", report
+        assert failure.worst[0].index == (3, 7), report
+
+
+def measure(engine: str) -> list[tuple[int, float, float, str]]:
+    """(ranks, wall seconds, CPU seconds of the busiest rank, the split note) for 1 and 2 ranks."""
+    rows = []
+    for world in (1, 2):
+        report, cpu = sharded_check(world, engine)
+        _expect(report, bug=False)
+        note = next(n for n in report.notes if n.startswith("split:"))
+        rows.append((world, report.seconds, cpu, note.split("(")[1].split(")")[0]))
+    _expect(sharded_check(2, engine, bug=True)[0], bug=True)
+    return rows
+
+
+@pytest.mark.parametrize("engine", ["loop", "auto"])
+def test_bench_split_full_check_1_vs_2_ranks(engine):
+    """Benchmark a full check of a 6.9k-parameter MLP split over 1 and 2 gloo ranks (speed-up of 2 ranks)."""
+    rows = measure(engine)
+    print()
+    _print(engine, rows)
+    assert rows[1][2] < 0.75 * rows[0][2], rows  # the busiest of two ranks does well under the work of one
+
+
+def _print(engine: str, rows: list[tuple[int, float, float, str]]) -> None:
+    for world, wall, cpu, per_rank in rows:
+        print(f"engine={engine:5s} ranks={world}  wall {wall:6.2f} s (x{rows[0][1] / wall:.2f})  "
+              f"busiest rank CPU {cpu:6.2f} s (x{rows[0][2] / cpu:.2f})  {per_rank}")
+
+
+if __name__ == "__main__":
+    for eng in sys.argv[1:] or ["loop", "auto"]:
+        _print(eng, measure(eng))

@@ -20,6 +20,10 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
+def _row(loc: Localisation, name: str):
+    return next(s for s in loc.checked if s.name == name)
+
+
 def _localise(model, loss_fn, batch, **kw) -> Localisation:
     before = snapshot(model)
     loc = localise(model, loss_fn, batch, **kw)
@@ -34,12 +38,16 @@ def test_localise_deep_model(case):
     assert loc.first_wrong == expected, loc
     wrong = [s.name for s in loc.checked if s.status == "wrong"]
     assert wrong == ([expected] if expected else []), loc
-    # 8 blocks of fc, act, norm (and drop, unless an Identity), then the head; nearest the loss first
+    # 8 blocks of fc, act, norm (and drop, unless an Identity), then the head; nearest the loss first;
+    # when no leaf is wrong, the containers too (the model, the encoder, 8 blocks)
     dropout = "dropout" in case
-    second = "encoder.layers.7.drop" if dropout else "encoder.layers.7.norm"
-    assert [s.name for s in loc.checked][:2] == ["head", second]
-    assert loc.checked[-1].name == "encoder.layers.0.fc"
-    assert len(loc.checked) == (33 if dropout else 25)
+    names = [s.name for s in loc.checked]
+    leaves = [n for n in names if n.split(".")[-1] in ("head", "fc", "act", "norm", "drop")]
+    assert leaves[:2] == ["head", "encoder.layers.7.drop" if dropout else "encoder.layers.7.norm"]
+    assert leaves[-1] == "encoder.layers.0.fc"
+    assert len(leaves) == (33 if dropout else 25)
+    containers = ["(model)", "encoder", *(f"encoder.layers.{i}" for i in range(8))]
+    assert sorted(set(names) - set(leaves)) == (sorted(containers) if expected is None else [])
     assert all(s.passed is not None for s in loc.checked), loc
 
 
@@ -66,7 +74,7 @@ def test_localise_str_names_the_culprit():
 def test_localise_correct_model_says_so():
     model, loss_fn, batch, _ = DEEP["deep_correct"]()
     loc = _localise(model, loss_fn, batch)
-    assert str(loc).startswith("no wrong backward found: 25 module call(s) checked")
+    assert str(loc).startswith("no wrong backward found: 35 module call(s) checked")
     assert "every module checked computes its own gradients correctly" in loc.note
     assert max(s.relative_error for s in loc.checked) < 1e-8
 
@@ -78,7 +86,7 @@ CORPUS_CULPRITS = {
     "tiny_gradients": ("0", ("weight",)),
     "doubling_hook": ("2", ("weight",)),  # a hook on a small parameter fires: its own Parameter is used
     "wrong_module_backward_hook": ("1", ("input[0]",)),
-    "cut_off": (None, ()),  # a .detach() in a container's own forward: no leaf is wrong
+    "cut_off": ("(model)", ("all 4 tensors (jointly)",)),  # a .detach() in a container's forward: no leaf is wrong
 }
 
 
@@ -145,10 +153,10 @@ def test_localise_keyword_input_shared_module_and_inplace(bug):
     model = _Twice(bug)
     x = torch.randn(4, 5) + 0.1  # keep relu inputs off 0
     loc = _localise(model, lambda out: out.pow(2).sum(), x)
-    assert [s.name for s in loc.checked] == ["act#2", "relu", "gate", "act", "fc"]
+    # with no wrong leaf, the model itself (a container) is checked too, first in backward order
+    assert [s.name for s in loc.checked] == ([] if bug else ["(model)"]) + ["act#2", "relu", "gate", "act", "fc"]
     assert loc.first_wrong == ("gate" if bug else None), loc
-    if bug:
-        assert loc.checked[2].wrong == ("kwargs['scale']",)
+    assert _row(loc, "gate").wrong == (("kwargs['scale']",) if bug else ())
 
 
 def test_localise_inputs_true_checks_the_first_module_input():
@@ -168,18 +176,18 @@ def test_localise_inputs_true_checks_the_first_module_input():
     model = nn.Sequential(First(), nn.Linear(3, 2))
     x = torch.randn(4, 3)
     loss_fn = lambda out: out.sum()  # noqa: E731
-    assert _localise(model, loss_fn, x).checked[1].status == "skipped"  # its input carries no gradient
+    assert _row(_localise(model, loss_fn, x), "0").status == "skipped"  # its input carries no gradient
     assert _localise(model, loss_fn, x, inputs=True).first_wrong == "0"
 
 
 def test_localise_site_that_cannot_run_alone_is_an_error_row_not_a_crash():
     model = nn.Sequential(nn.Linear(3, 3), _OnlyOnce())
     loc = _localise(model, lambda out: out.sum(), torch.randn(2, 3))
-    row = loc.checked[0]
-    assert (row.name, row.status, row.passed) == ("1", "error", None)
+    row = _row(loc, "1")
+    assert (row.status, row.passed) == ("error", None)
     assert "RuntimeError: only once" in row.note
-    assert "could not be run alone: 1" in loc.note
-    assert loc.checked[1].status == "ok"
+    assert "could not be run alone: " in loc.note
+    assert _row(loc, "0").status == "ok"
 
 
 class _OnlyOnce(nn.Module):
@@ -233,7 +241,7 @@ class _Container(nn.Module):
 def test_localise_custom_function_in_a_container_forward(own_bug, child_bug, expected):
     model = nn.Sequential(_Container(own_bug, child_bug), nn.Linear(4, 2))
     loc = _localise(model, nn.MSELoss(), (torch.randn(5, 4), torch.randn(5, 2)))
-    assert [(s.name, s.functions) for s in loc.checked] == [
+    assert [(s.name, s.functions) for s in loc.checked if s.name != "(model)"] == [
         ("1", ()), ("0", ("_SwishFn",)), ("0.inner", ("_SwishFn",)), ("0.fc", ())]
     assert loc.first_wrong == expected, loc
     # a container around a wrong child fails too, but the blame goes to the child
@@ -245,3 +253,11 @@ def test_localise_in_the_model_dtype(case):
     model, loss_fn, batch, expected = DEEP[case]()
     loc = _localise(model, loss_fn, batch, dtype=None)  # float32 throughout
     assert loc.first_wrong == expected, loc
+
+
+def test_localise_large_sparse_embedding_checked_along_directions():
+    """300 weights > max_elements: rebuilt from directions, through a sparse gradient."""
+    model = nn.Sequential(nn.Embedding(50, 6, sparse=True), nn.Flatten(), nn.Linear(18, 2))
+    loc = _localise(model, nn.MSELoss(), (torch.randint(0, 50, (4, 3)), torch.randn(4, 2)))
+    assert loc.first_wrong is None, loc
+    assert _row(loc, "0").status == "ok"

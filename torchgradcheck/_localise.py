@@ -207,68 +207,96 @@ def _own_functions(call: _Call, calls: list[_Call]) -> tuple[str, ...]:
     return tuple(found)
 
 
-class _Probe(nn.Module):
-    """``sum(v * site(inputs))`` where every checked tensor is, or is rebuilt from, a probe parameter."""
+class _Dense(torch.autograd.Function):
+    """Identity whose backward densifies: Embedding(sparse=True) returns sparse gradients for its weight."""
 
-    def __init__(self, call: _Call, generator: torch.Generator, max_elements: int, directions: int) -> None:
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        return None
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g.to_dense() if g.is_sparse else g
+
+
+class _Probe(nn.Module):
+    """``sum(v * site(inputs))`` where every checked tensor is, or is rebuilt from, a probe parameter.
+
+    Per tensor (``joint=False``): a tensor of at most `max_elements` elements is a probe parameter
+    itself (a small parameter of the site: the site's own Parameter); a larger one is rebuilt as
+    ``base + t @ dirs`` from `directions` coefficients ``t``. Jointly (``joint=True``, for containers):
+    every input and parameter moves along the same `directions` coefficients, so the cost does not grow
+    with the number of tensors; a failure then says "somewhere in this module", not which tensor.
+    """
+
+    def __init__(self, call: _Call, generator: torch.Generator, max_elements: int, directions: int,
+                 joint: bool = False) -> None:
         super().__init__()
         self.site = call.module
         self.spec, self.leaves = call.spec, list(call.leaves or ())
         self.out_grad = list(call.out_grad or ())
         self.upstream = [torch.randn(shape, generator=generator, dtype=dtype).to(device)
                          for shape, dtype, device in call.out_like or ()]
-        self.checked: dict[str, str] = {}  # probe parameter name -> what it stands for
-        self.inputs: dict[int, tuple[str, torch.Tensor | None, bool]] = {}
-        for i, (x, carries) in enumerate(zip(self.leaves, call.carries or ())):
-            if carries:
-                key = f"in_{i}"
-                base = self._register(key, x, max_elements, directions)
-                self.inputs[i] = (key, base, base is not None)
-                self.checked[key] = _input_name(call, i)
-        self.overrides: dict[str, tuple[str, torch.Tensor]] = {}
-        self.own: list[str] = []
+        sources: list[tuple[str, int | str, torch.Tensor]] = [
+            (_input_name(call, i), i, x) for i, (x, c) in enumerate(zip(self.leaves, call.carries or ())) if c
+        ]
         seen: set[int] = set()
         for pname, p in call.module.named_parameters():
-            if id(p) in seen or not p.requires_grad or not p.is_floating_point():
-                continue
-            seen.add(id(p))
-            if p.numel() <= max_elements:
-                self.own.append("site." + pname)
-                self.checked["site." + pname] = pname
+            if id(p) not in seen and p.requires_grad and p.is_floating_point():
+                seen.add(id(p))
+                sources.append((pname, pname, p))
+        self.checked: dict[str, str] = {}  # probe parameter name -> what it stands for
+        # where (input position or parameter name) -> (probe parameter, base or None, directions attribute)
+        self.rebuilds: dict[int | str, tuple[str, torch.Tensor | None, str]] = {}
+        if joint and sources:
+            first = sources[0][2]
+            self.register_parameter("joint", nn.Parameter(torch.zeros(directions, dtype=first.dtype,
+                                                                      device=first.device)))
+            self.checked["joint"] = f"all {len(sources)} tensors (jointly)"
+        for j, (label, where, x) in enumerate(sources):
+            if joint:
+                self.rebuilds[where] = ("joint", x.detach(), self._directions(j, x, directions))
+            elif x.numel() <= max_elements and isinstance(where, str):
+                self.checked["site." + where] = label  # the site's own Parameter: its hooks fire
+            elif x.numel() <= max_elements:
+                self.register_parameter(f"t{j}", nn.Parameter(x.detach().clone()))
+                self.rebuilds[where] = (f"t{j}", None, "")
+                self.checked[f"t{j}"] = label
             else:
-                key = "p_" + pname.replace(".", "_")
-                base = self._register(key, p.detach().clone(), max_elements, directions)
-                assert base is not None
-                self.overrides[pname] = (key, base)
-                self.checked[key] = pname
+                self.register_parameter(f"t{j}", nn.Parameter(torch.zeros(directions, dtype=x.dtype, device=x.device)))
+                self.rebuilds[where] = (f"t{j}", x.detach(), self._directions(j, x, directions))
+                self.checked[f"t{j}"] = label
 
-    def _register(self, key: str, x: torch.Tensor, max_elements: int, directions: int) -> torch.Tensor | None:
-        """Element-wise: the parameter is the tensor (returns None); else direction coefficients."""
-        if x.numel() <= max_elements:
-            self.register_parameter(key, nn.Parameter(x.detach().clone()))
-            return None
-        g = torch.Generator().manual_seed(x.numel())
+    def _directions(self, j: int, x: torch.Tensor, directions: int) -> str:
+        """Rows of +-max(1, |x_i|): each element moves by the same relative step as in the engine."""
+        g = torch.Generator().manual_seed(1000 + j)
         signs = torch.randint(0, 2, (directions, x.numel()), generator=g).to(x.device, x.dtype) * 2 - 1
-        setattr(self, key + "_dirs", signs * x.detach().abs().reshape(1, -1).clamp(min=1))
-        self.register_parameter(key, nn.Parameter(torch.zeros(directions, dtype=x.dtype, device=x.device)))
-        return x.detach()
+        setattr(self, f"_dirs{j}", signs * x.detach().abs().reshape(1, -1).clamp(min=1))
+        return f"_dirs{j}"
 
-    def _rebuild(self, key: str, base: torch.Tensor | None) -> torch.Tensor:
+    def _rebuild(self, where: int | str) -> torch.Tensor:
+        key, base, dirs = self.rebuilds[where]
         p = getattr(self, key)
         if base is None:
             return p.clone()  # a non-leaf: in-place modules (ReLU(inplace=True)) may write to it
-        return base + (p @ getattr(self, key + "_dirs")).view(base.shape)
+        return base + (p.to(base.dtype) @ getattr(self, dirs)).view(base.shape)
 
     def forward(self) -> torch.Tensor:
         leaves = [x.clone() if isinstance(x, torch.Tensor) else x for x in self.leaves]
-        for i, (key, base, _) in self.inputs.items():
-            leaves[i] = self._rebuild(key, base)
+        swapped = {}
+        for where in self.rebuilds:
+            if isinstance(where, int):
+                leaves[where] = self._rebuild(where)
+            else:
+                swapped[where] = _Dense.apply(self._rebuild(where))
         args, kwargs = pytree.tree_unflatten(leaves, self.spec)
-        if self.overrides:
-            swapped = {n: self._rebuild(key, base) for n, (key, base) in self.overrides.items()}
-            out = functional_call(self.site, swapped, tuple(args), kwargs)
-        else:
-            out = self.site(*args, **kwargs)
+        out = functional_call(self.site, swapped, tuple(args), kwargs) if swapped else self.site(*args, **kwargs)
         outs = pytree.tree_flatten(out)[0]
         total = 0
         for j, v in zip(self.out_grad, self.upstream):
@@ -283,7 +311,7 @@ def _input_name(call: _Call, i: int) -> str:
 
 
 def _check(call: _Call, dtype: torch.dtype | None, seed: int, engine: str, max_elements: int,
-           directions: int) -> SiteVerdict:
+           directions: int, joint: bool = False) -> SiteVerdict:
     from ._verify import verify_module  # here: _verify may import this module
 
     start = time.perf_counter()
@@ -295,7 +323,7 @@ def _check(call: _Call, dtype: torch.dtype | None, seed: int, engine: str, max_e
 
     if not call.out_grad:
         return verdict("skipped", "its output carries no gradient")
-    probe = _Probe(call, torch.Generator().manual_seed(seed + call.order), max_elements, directions)
+    probe = _Probe(call, torch.Generator().manual_seed(seed + call.order), max_elements, directions, joint)
     if not probe.checked:
         return verdict("skipped", "no input carries gradient and it has no trainable parameter")
     try:
@@ -367,26 +395,44 @@ def localise(
             call.functions = _own_functions(call, calls)
         del loss
         lent.reset_buffers()
-        sites = [c for c in sorted(calls, key=lambda c: -c.order)
-                 if (not any(True for _ in c.module.children()) and not c.passthrough) or c.functions
-                 or c.module._backward_hooks or c.module._backward_pre_hooks]
+        backward = sorted(calls, key=lambda c: -c.order)
+        sites = [c for c in backward if _is_site(c)]
         verdicts = {id(c): _check(c, dtype, seed, engine, max_elements, directions) for c in sites}
-    first: _Call | None = None
+        escalated = not any(v.status == "wrong" for v in verdicts.values())
+        if escalated:  # every leaf is right: check the containers, whose own forward may cut or bend gradients
+            sites = [c for c in backward if _is_site(c) or not c.passthrough]
+            verdicts.update({id(c): _check(c, dtype, seed, engine, max_elements, directions, joint=True)
+                             for c in sites if id(c) not in verdicts})
+    first = _first_wrong(sites, verdicts)
+    checked = tuple(verdicts[id(c)] for c in sites)
+    return Localisation(first.name if first else None, type(first.module).__name__ if first else None,
+                        checked, _note(first, checked, escalated), time.perf_counter() - start)
+
+
+def _is_site(call: _Call) -> bool:
+    """Leaves that compute something, and modules with custom Functions or backward hooks of their own."""
+    module = call.module
+    leaf = not any(True for _ in module.children())
+    return (leaf and not call.passthrough) or bool(call.functions or module._backward_hooks
+                                                   or module._backward_pre_hooks)
+
+
+def _first_wrong(sites: list[_Call], verdicts: dict[int, SiteVerdict]) -> _Call | None:
+    """The first wrong site in backward order none of whose own sub-sites is wrong."""
     for c in sites:
         if verdicts[id(c)].status == "wrong" and not any(
             verdicts[id(d)].status == "wrong" for d in sites if c in d.ancestors()
         ):
-            first = c
-            break
-    checked = tuple(verdicts[id(c)] for c in sites)
-    note = _note(first, checked)
-    return Localisation(first.name if first else None, type(first.module).__name__ if first else None,
-                        checked, note, time.perf_counter() - start)
+            return c
+    return None
 
 
-def _note(first: _Call | None, checked: tuple[SiteVerdict, ...]) -> str:
+def _note(first: _Call | None, checked: tuple[SiteVerdict, ...], escalated: bool) -> str:
     errors = [s.name for s in checked if s.status == "error"]
     parts = []
+    if first is not None and escalated:
+        parts.append(f"every leaf module is right; the gradient goes wrong in the own forward of {first.name}, "
+                     "outside its children (e.g. a .detach(), torch.no_grad() or a tensor hook there)")
     if first is None:
         parts.append(
             "every module checked computes its own gradients correctly: look at loss_fn / forward=, hooks on "

@@ -335,3 +335,27 @@ def test_inputs_true_works_with_a_frozen_model():
     assert [r.name for r in report.failures] == ["batch[0]"]
     assert {r.status for r in report.results if r.kind == "parameter"} == {"skipped"}
     assert_unchanged(before, model)
+
+
+def test_batch_complex_tensors_keep_their_imaginary_part():
+    seen = []
+
+    class Spectral(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, z):
+            seen.append(z)
+            return self.fc(z.real) * self.fc(z.imag)
+
+    torch.manual_seed(0)
+    model = Spectral()
+    z = torch.randn(4, 3, dtype=torch.complex64)
+    before = snapshot(model)
+    report = verify_module(model, lambda out: out.sum(), z, engine="loop")
+    assert report.passed, str(report)
+    assert_unchanged(before, model)
+    assert seen[0].dtype == torch.complex128
+    assert torch.equal(seen[0], z.to(torch.complex128))
+    assert not any(r.kind == "input" for r in report.results)

@@ -23,6 +23,11 @@ from ._params import Target
 __all__ = ["Objective", "convert_batch", "input_targets"]
 
 
+# The complex dtype that holds a real checking dtype's precision.
+_COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64, torch.complex128: torch.complex128,
+            torch.complex64: torch.complex64}
+
+
 class BatchError(ValueError):
     """Internal: a fact about the batch; `_verify` adds the call and the fix."""
 
@@ -33,8 +38,10 @@ def convert_batch(batch: Any, dtype: torch.dtype | None, path: str = "batch") ->
         if batch.is_floating_point() or batch.is_complex():
             if not bool(torch.isfinite(batch).all()):
                 raise BatchError(f"{path} contains NaN or Inf")
-            out = batch.detach().to(dtype=dtype or batch.dtype, copy=True).contiguous()
-            return out
+            target = dtype or batch.dtype
+            if batch.is_complex():  # complex stays complex: casting to a real dtype would drop the imaginary part
+                target = _COMPLEX.get(target, batch.dtype)
+            return batch.detach().to(dtype=target, copy=True).contiguous()
         return batch
     if isinstance(batch, dict):
         return {k: convert_batch(v, dtype, f"{path}[{k!r}]") for k, v in batch.items()}

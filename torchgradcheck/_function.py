@@ -385,6 +385,38 @@ def _raised_report(call: _Call, found: dict[str, tuple[str, str]], exc: Exceptio
                   notes=(f"autograd raised {type(exc).__name__}: {first}",))
 
 
+def _extra_checks(ex: Extras, options: dict[str, Any], first_ok: bool) -> list[ParameterResult]:
+    """Second order, forward mode, non-contiguous inputs, in this order (determinism comes last, in `_run`).
+
+    Second order and non-contiguous inputs are judged against the first derivatives, so they only run
+    when those pass: a wrong gradient is reported once, as itself.
+    """
+    rows: list[ParameterResult] = []
+    failing = "not checked, because the first derivatives already disagree"
+    if not options["second_order"]:
+        ex.notes.append("second order: off (second_order=False)")
+    elif not first_ok:
+        ex.notes.append(f"second order: {failing}")
+    else:
+        once = once_differentiable_nodes([t for _, t in _outputs(ex.call, ex.seed)[1]])
+        if once:
+            ex.notes.append(f"second order: not checked: the backward of {', '.join(sorted(once))} is "
+                            "@once_differentiable (information, not a failure)")
+        else:
+            rows += check_second_order(ex)
+    if options["forward_mode"]:
+        rows += check_forward_mode(ex)
+    else:
+        ex.notes.append("forward mode: off (forward_mode=False)")
+    if not options["noncontiguous"]:
+        ex.notes.append("non-contiguous inputs: off (noncontiguous=False)")
+    elif not first_ok:
+        ex.notes.append(f"non-contiguous inputs: {failing}")
+    else:
+        rows += check_noncontiguous(ex)
+    return rows
+
+
 def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], progress: bool | None,
          start: float) -> Report:
     seed = options["seed"]
@@ -443,26 +475,7 @@ def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], p
                 pairs.append((k, s.key))
             evaluations += loop.evaluations
     results = _bad_returns(ex, found, results, pairs)
-    if options["second_order"]:
-        if not all(r.passed for r in results):
-            notes.append("second order: not checked, because the first derivatives already disagree")
-        else:
-            once = once_differentiable_nodes([t for _, t in _outputs(call, seed)[1]])
-            if once:
-                notes.append(f"second order: not checked: the backward of {', '.join(sorted(once))} is "
-                             "@once_differentiable (information, not a failure)")
-            else:
-                results += check_second_order(ex)
-    else:
-        notes.append("second order: off (second_order=False)")
-    if options["forward_mode"]:
-        results += check_forward_mode(ex)
-    else:
-        notes.append("forward mode: off (forward_mode=False)")
-    if options["noncontiguous"]:
-        results += check_noncontiguous(ex)
-    else:
-        notes.append("non-contiguous inputs: off (noncontiguous=False)")
+    results += _extra_checks(ex, options, all(r.passed for r in results))
     results += determinism_results(ex, options["nondet_tol"])
     kept = [(c.analytical[~c.kink], c.numerical[~c.kink]) for c in checks.values()]
     overall = relative_error(torch.cat([a for a, _ in kept]), torch.cat([n for _, n in kept]))

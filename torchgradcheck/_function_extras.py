@@ -4,8 +4,10 @@
   (dtype) or reduces it (broadcast shape): a float32 gradient for a float64 input is reported by name;
 * `once_differentiable_nodes`: Functions whose backward is marked ``@once_differentiable``
   (second derivatives are then skipped with a note, not failed);
-* `check_forward_mode`: ``jvp`` (forward-mode AD) against a numerical directional derivative,
-  element by element over the outputs, with the same tolerance model as the gradients;
+* `judge_directional`: the derivative of a vector function along a direction, element by element,
+  against central differences with per-element measured noise and the tolerance model of `_compare`
+  (shared by forward mode here and second order in `_function_second`);
+* `check_forward_mode`: ``jvp`` (forward-mode AD) against the numerical directional derivative;
 * `check_noncontiguous`: the backward on transposed/strided copies of the inputs, judged against the
   numerical gradient already measured (same values, other memory layout: same Jacobian);
 * `determinism_results`: the backward run a second time, compared with the first.

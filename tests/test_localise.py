@@ -261,3 +261,13 @@ def test_localise_large_sparse_embedding_checked_along_directions():
     loc = _localise(model, nn.MSELoss(), (torch.randint(0, 50, (4, 3)), torch.randn(4, 2)))
     assert loc.first_wrong is None, loc
     assert _row(loc, "0").status == "ok"
+
+
+def test_localise_user_forward_hooks_run_once_per_site():
+    """Inputs are captured before the user's pre-hooks, outputs after the user's forward hooks."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    model[1].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
+    model[1].register_forward_hook(lambda mod, args, out: out**2)
+    loc = _localise(model, lambda out: out.sum(), torch.randn(5, 3))
+    assert loc.first_wrong is None, loc
+    assert len(model[1]._forward_pre_hooks) == len(model[1]._forward_hooks) == 1

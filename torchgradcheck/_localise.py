@@ -169,7 +169,8 @@ def _capture(model: nn.Module, objective: Objective) -> tuple[list[_Call], Any]:
     handles = []
     try:
         for module in model.modules():
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            # first of the pre-hooks (the user's run again when the site runs alone), last of the hooks
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True, prepend=True))
             handles.append(module.register_forward_hook(post, with_kwargs=True))
         with torch.enable_grad():
             loss = objective(model)

@@ -258,6 +258,43 @@ def test_verify_function_names_keyword_and_varargs_inputs():
         "grad w.r.t. xs[0]", "grad w.r.t. xs[1]", "grad w.r.t. scale"]
 
 
+class NewStyleSquare(torch.autograd.Function):
+    """``x**2`` in the torch.func style (setup_context, a vmap rule, a jvp); `factor` plants a bug."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, factor):
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+        ctx.save_for_forward(inputs[0])
+        ctx.factor = inputs[1]
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return ctx.factor * g * x, None
+
+    @staticmethod
+    def jvp(ctx, tx, _):
+        (x,) = ctx.saved_tensors
+        return 2 * x * tx
+
+
+@pytest.mark.parametrize("factor", [2.0, 2.001])
+def test_verify_function_new_style_function_runs_on_vmap(factor):
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    report = _check((NewStyleSquare.apply, (x, factor), {}))
+    assert report.engine == "vmap"
+    assert report.passed == (factor == 2.0), report
+    assert report.results[0].name == "grad w.r.t. x"  # named from forward(x, factor), no ctx
+    if factor == 2.0:
+        assert [r.status for r in report.results if r.kind == "forward mode"] == ["ok"]
+
+
 def test_verify_function_names_tensors_inside_a_list():
     def f(xs, w):
         return torch.stack(xs) @ w

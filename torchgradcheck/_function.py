@@ -465,7 +465,14 @@ def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], p
                                       loop, notes)
                 a = grads[k][s.key]
                 flat = torch.zeros(param.numel(), dtype=DTYPE, device=param.device) if a is None else a
-                check = measure(engine, target, flat, losses[k], nondet, settings, generator)
+                try:
+                    check = measure(engine, target, flat, losses[k], nondet, settings, generator)
+                except Exception as exc:  # vmap ran the unperturbed point but not a perturbed one
+                    if engine is loop or options["engine"] == "vmap":
+                        raise
+                    notes.append(f"engine: loop for {s.name}, because vmap failed ({type(exc).__name__})")
+                    engine = loop
+                    check = measure(engine, target, flat, losses[k], nondet, settings, generator)
                 checks[(k, s.key)] = check
                 if engine is not loop:
                     evaluations += engine.evaluations

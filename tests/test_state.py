@@ -354,3 +354,52 @@ def test_verify_module_keeps_cuda_model_and_cuda_rng(engine):
     assert_unchanged(before, model)
     assert all(p.is_cuda for p in model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(cuda_rng, torch.cuda.get_rng_state_all()))
+
+
+# ------------------------------------------------------------------------------ more state
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_verify_module_keeps_a_pending_graph_usable(engine):
+    """A loss computed before the check can still be backpropagated after it (no version-counter bumps)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = _data(3, 2)
+    pending = nn.MSELoss()(model(x), y)
+    expected = torch.autograd.grad(nn.MSELoss()(model(x), y), list(model.parameters()))
+    versions = [p._version for p in model.parameters()]
+    before = snapshot(model)
+    assert verify_module(model, nn.MSELoss(), (x, y), engine=engine).passed
+    assert_unchanged(before, model)
+    assert [p._version for p in model.parameters()] == versions
+    pending.backward()
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), expected))
+
+
+def test_verify_module_keeps_a_stale_sparse_grad():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(6, 3, sparse=True), nn.Flatten(), nn.Linear(6, 1))
+    idx, target = torch.randint(0, 6, (4, 2)), torch.randn(4, 1)
+    nn.MSELoss()(model(idx), target).backward()
+    stale = model[0].weight.grad
+    assert stale.is_sparse
+    before = snapshot(model)
+    assert verify_module(model, nn.MSELoss(), (idx, target)).passed
+    assert_unchanged(before, model)
+    assert model[0].weight.grad is stale
+
+
+def test_verify_module_restores_everything_on_interrupt_inside_backward():
+    model = _mlp()
+    stale = _stale_grads(model)
+
+    def interrupt(grad):
+        raise KeyboardInterrupt
+
+    model[3].weight.register_hook(interrupt)
+    x, y = _data()
+    before = snapshot(model)
+    with pytest.raises(KeyboardInterrupt):
+        verify_module(model, nn.MSELoss(), (x, y))
+    assert_unchanged(before, model)
+    assert model[0].weight.grad is stale and model[3].weight.grad is None

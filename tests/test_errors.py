@@ -320,3 +320,11 @@ def test_verify_module_params_may_name_a_tied_parameter_by_any_name():
     report = verify_module(model, nn.CrossEntropyLoss(), batch, params="2.weight")
     assert_unchanged(before, model)
     assert [(r.name, r.status) for r in report.results] == [("0.weight", "ok")]
+
+
+@pytest.mark.parametrize("params", [[], ()])
+def test_verify_module_rejects_empty_params(params):
+    model, loss_fn, batch = _setup()
+    _raises(model, InvalidArgumentError,
+            r"^verify_module: params=(\[\]|\(\)) selects nothing; pass parameter names or glob patterns .*or leave "
+            r"params=None", loss_fn, batch, params=params)

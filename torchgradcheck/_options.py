@@ -82,6 +82,11 @@ def validate_patterns(call: str, params: Any) -> Sequence[str] | None:
     if isinstance(params, str):
         return [params]
     if isinstance(params, (list, tuple)) and all(isinstance(p, str) for p in params):
+        if not params:
+            raise InvalidArgumentError(
+                f"{call}: params={params!r} selects nothing; pass parameter names or glob patterns "
+                "(e.g. params=['encoder.*']), or leave params=None to check every trainable parameter."
+            )
         return list(params)
     raise InvalidArgumentTypeError(
         f"{call}: params= takes parameter names or glob patterns (a str or a list of str), got {params!r}."

@@ -266,8 +266,14 @@ def test_localise_large_sparse_embedding_checked_along_directions():
 def test_localise_user_forward_hooks_run_once_per_site():
     """Inputs are captured before the user's pre-hooks, outputs after the user's forward hooks."""
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
-    model[1].register_forward_pre_hook(lambda mod, args: (args[0] * 2,))
-    model[1].register_forward_hook(lambda mod, args, out: out**2)
+
+    def pre(mod, args):
+        assert args[0].dim() == 2, "pre-hook applied twice"
+        return (2 * args[0].unsqueeze(0),)
+
+    model[1].register_forward_pre_hook(pre)
+    model[1].register_forward_hook(lambda mod, args, out: out.squeeze(0) ** 2)
     loc = _localise(model, lambda out: out.sum(), torch.randn(5, 3))
     assert loc.first_wrong is None, loc
+    assert [s.status for s in loc.checked] == ["ok"] * 4, loc
     assert len(model[1]._forward_pre_hooks) == len(model[1]._forward_hooks) == 1

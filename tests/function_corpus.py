@@ -219,6 +219,22 @@ def scaled_tanh(x: torch.Tensor, *, scale: float = 2.0, bug: str | None = None) 
     return Tanh.apply(x, scale, bug)
 
 
+class Exp(torch.autograd.Function):
+    """``exp(x)``; the bug returns the local derivative without multiplying by grad_output."""
+
+    @staticmethod
+    def forward(ctx, x, bug):
+        y = torch.exp(x)
+        ctx.save_for_backward(y)
+        ctx.bug = bug
+        return y
+
+    @staticmethod
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return (y if ctx.bug else g * y), None
+
+
 class OnceSquare(torch.autograd.Function):
     """``x**2`` with a correct backward marked @once_differentiable: second order is skipped with a note."""
 
@@ -266,6 +282,10 @@ def stale_buffer(bug: bool = True) -> Case:
     return CachedSquare.apply, (_leaf(5), bug), {}
 
 
+def ignored_grad_output(bug: bool = True) -> Case:
+    return Exp.apply, (_leaf(7), bug), {}
+
+
 def ignored_keyword(bug: str | None = "ignores_scale") -> Case:
     """``scale=3.0`` passed as a keyword; the backward uses the default 2.0."""
     return scaled_tanh, (_leaf(6),), {"scale": 3.0, "bug": bug}
@@ -292,6 +312,7 @@ BUGS: dict[str, Callable[[], Case]] = {
     "noncontiguous_assumption": noncontiguous_assumption,
     "stale_buffer": stale_buffer,
     "ignored_keyword": ignored_keyword,
+    "ignored_grad_output": ignored_grad_output,
     "wrong_jvp": wrong_jvp,
 }
 
@@ -324,6 +345,7 @@ CORRECT: dict[str, Callable[[], Case]] = {
     "sincos": lambda: ignored_output(False),
     "raw_matmul": lambda: noncontiguous_assumption(False),
     "cached_square": lambda: stale_buffer(False),
+    "exp": lambda: ignored_grad_output(False),
     "scaled_tanh": lambda: ignored_keyword(None),
     "plain_ops": plain_ops,
     "once_differentiable": once_differentiable_square,
@@ -336,5 +358,5 @@ TWINS: dict[str, str] = {
     "wrong_in_one_branch": "branch", "relative_1e-5": "linear", "one_element": "linear",
     "second_derivative_only": "cube", "ignored_output_grad": "sincos", "float32_grad": "linear",
     "noncontiguous_assumption": "raw_matmul", "stale_buffer": "cached_square", "ignored_keyword": "scaled_tanh",
-    "wrong_jvp": "scaled_tanh",
+    "wrong_jvp": "scaled_tanh", "ignored_grad_output": "exp",
 }

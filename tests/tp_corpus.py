@@ -144,6 +144,25 @@ def replicated_gain_reduced(rank: int, world: int) -> tuple:
     return tp_mlp(rank, world, gain="reduced")
 
 
+class ShardedInputLinear(nn.Module):
+    """A row-parallel layer fed by a sharded input (each rank holds its own feature columns of the batch)."""
+
+    def __init__(self, rank: int, world: int):
+        super().__init__()
+        self.fc = RowParallelLinear(D_IN, D_OUT, rank, world)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x))
+
+
+def sharded_input(rank: int, world: int) -> tuple:
+    """The input is sharded too: each rank perturbs its own columns of it while the others follow."""
+    x, y = _batch()
+    cols = slice(rank * D_IN // world, (rank + 1) * D_IN // world)
+    placement = {"fc.weight": "sharded", "batch[0]": "sharded"}
+    return ShardedInputLinear(rank, world), nn.MSELoss(), (x[:, cols].clone(), y), placement
+
+
 TP_BUGS: dict[str, Callable[[int, int], tuple]] = {
     "missing_all_reduce_copy_backward": missing_all_reduce_copy_backward,
     "spurious_all_reduce_reduce_backward": spurious_all_reduce_reduce_backward,
@@ -153,6 +172,7 @@ TP_BUGS: dict[str, Callable[[int, int], tuple]] = {
 TP_CORRECT: dict[str, Callable[[int, int], tuple]] = {
     "tp_mlp": tp_mlp,
     "replicated_gain_reduced": replicated_gain_reduced,
+    "sharded_input": sharded_input,
 }
 
 # ---------------------------------------------------------------------------------------------- DDP

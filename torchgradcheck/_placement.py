@@ -137,7 +137,8 @@ def resolve_placement(placement: Any, names: list[str]) -> dict[str, str]:
         if where not in PLACEMENTS:
             raise InvalidArgumentError(f"{CALL}: placement[{pattern!r}]={where!r} is not a placement; valid options "
                                        f"are {list(PLACEMENTS)}.")
-        matched = [n for n in names if fnmatch.fnmatchcase(n, str(pattern))]
+        # an exact name first: "batch[0]" read as a glob would mean "batch0"
+        matched = [n for n in names if n == pattern] or [n for n in names if fnmatch.fnmatchcase(n, str(pattern))]
         if not matched:
             raise InvalidArgumentError(f"{CALL}: placement key {pattern!r} matches no parameter or input; names are "
                                        f"{names[:12]}.")
@@ -243,6 +244,11 @@ def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placem
                 "reduce the output of the last row-parallel layer); for data parallelism wrap the model in DDP."
             )
         notes.append(f"objective: the replicated loss (identical on all {size} ranks, checked at every evaluation)")
+    sharded = [t.name for t in targets if where[t.name] == "sharded"]
+    if sharded:
+        notes.append(f"placement: sharded (perturbed on each owner rank in turn, shown per rank): "
+                     f"{', '.join(sharded)}; every other tensor replicated (perturbed on all ranks at once, "
+                     "checked identical)")
     engine = LockstepEngine(lent, objective, seed, tick, group=group)
     twice = (engine.loss(), engine.loss())
     nondet = abs(float(twice[0]) - float(twice[1]))

@@ -8,7 +8,7 @@ from function_corpus import BUGS, CORRECT, TWINS, OnceSquare, linear, scaled_tan
 from helpers import assert_unchanged, snapshot
 from torch import nn
 
-from torchgradcheck import InvalidArgumentError, InvalidArgumentTypeError
+from torchgradcheck import GradientMismatchError, InvalidArgumentError, InvalidArgumentTypeError
 from torchgradcheck._function import verify_function
 
 
@@ -62,6 +62,15 @@ def test_verify_function_loop_engine_gives_the_same_verdict(case):
 
 
 # ------------------------------------------------------------------------------ what the report says
+
+
+def test_verify_function_report_raises_with_the_table():
+    fn, args, kwargs = BUGS["wrong_sign"]()
+    report = verify_function(fn, *args, **kwargs)
+    assert report.call == "verify_function"
+    with pytest.raises(GradientMismatchError, match=r"(?s)verify_function: FAILED.*grad w\.r\.t\. w: 25 element") as info:
+        report.assert_passed()
+    assert info.value.report is report
 
 
 def test_verify_function_names_output_and_input_pair():

@@ -165,8 +165,9 @@ def run_split(lent: Lent, objective: Objective, targets: list[Target], settings:
     loss0, grads = analytical(lent, objective, targets, seed)
     flat = [grads[t.name] for t in targets]
     has_grad = [g is not None for g in flat]
-    mine = torch.cat([loss0.reshape(1)] + [g if g is not None else torch.zeros(t.tensor.numel(), dtype=torch.float64)
-                                            for g, t in zip(flat, targets)]).cpu()
+    mine = torch.cat([loss0.reshape(1).cpu()] + [g.cpu() if g is not None else torch.zeros(t.tensor.numel(),
+                                                                                            dtype=torch.float64)
+                                                  for g, t in zip(flat, targets)])
     # Every rank judges rank 0's gradients, so every rank reaches the same verdict; the model must
     # really be replicated, which shows as (nearly) identical losses and gradients.
     theirs = mine.to(comm_device(group)).clone()
@@ -237,10 +238,9 @@ def _all_gather_padded(local: torch.Tensor, group: Any) -> list[torch.Tensor]:
     """``all_gather`` of 1-d float64 tensors whose lengths may differ by rank."""
     _, size = rank_and_size(group)
     device = comm_device(group)
-    length = reduced(torch.tensor([float(local.numel())]), dist.ReduceOp.MAX, group)
-    width = int(length[0])
     lengths = [torch.zeros(1, dtype=torch.float64, device=device) for _ in range(size)]
     dist.all_gather(lengths, torch.tensor([float(local.numel())], dtype=torch.float64, device=device), group=group)
+    width = int(max(float(n[0]) for n in lengths))
     padded = torch.zeros(width, dtype=torch.float64, device=device)
     padded[: local.numel()] = local.to(device)
     out = [torch.empty(width, dtype=torch.float64, device=device) for _ in range(size)]

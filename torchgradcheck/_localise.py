@@ -59,6 +59,7 @@ class SiteVerdict:
     functions: tuple[str, ...] = ()  # custom autograd.Functions called by its own forward
     note: str = ""
     seconds: float = 0.0
+    evaluations: int = 0  # forwards of this module alone
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,8 @@ class Localisation:
 
     def headline(self) -> str:
         n = sum(s.passed is not None for s in self.checked)
-        tail = f"{n} module call(s) checked in isolation in {self.seconds:.2f} s"
+        evaluations = sum(s.evaluations for s in self.checked)
+        tail = f"{n} module call(s) checked in isolation ({evaluations:,} evaluations) in {self.seconds:.2f} s"
         if self.first_wrong is None:
             return f"no wrong backward found: {tail}"
         site = next(s for s in self.checked if s.name == self.first_wrong)
@@ -334,7 +336,8 @@ def _check(call: _Call, dtype: torch.dtype | None, seed: int, engine: str, max_e
         return verdict("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
     wrong = tuple(probe.checked[r.name] for r in report.failures)
     status = "wrong" if wrong else ("inconclusive" if any(r.status == "inconclusive" for r in report.results) else "ok")
-    return verdict(status, "", passed=not wrong, rel=report.relative_error, wrong=wrong)
+    return verdict(status, "", passed=not wrong, rel=report.relative_error, wrong=wrong,
+                   evaluations=report.evaluations)
 
 
 def _probe_loss(model: nn.Module, _batch: Any) -> torch.Tensor:
@@ -442,3 +445,7 @@ def _note(first: _Call | None, checked: tuple[SiteVerdict, ...], escalated: bool
     if errors:
         parts.append(f"{len(errors)} module(s) could not be run alone: {', '.join(errors[:5])}")
     return "; ".join(parts)
+
+
+for _cls in (SiteVerdict, Localisation):
+    _cls.__module__ = "torchgradcheck"

@@ -105,6 +105,15 @@ def test_verify_function_reports_wrong_dtype_by_name():
     assert "returned a gradient for w of dtype float32, but w is float64" in row.note
 
 
+def test_verify_function_reports_wrong_dtype_of_a_function_inside_fn():
+    fn, args, _ = BUGS["float32_grad"]()
+    x, w, b, bug = args
+    report = _check((lambda x, w, b: fn(x, w.sin(), b, bug), (x, w, b), {}))
+    (row,) = report.failures
+    assert (row.name, row.status) == ("returned by Linear: input 1", "wrong dtype")
+    assert "input 1 of Linear of dtype float32, but input 1 of Linear is float64" in row.note
+
+
 def test_verify_function_reports_wrong_shape_by_name_when_autograd_raises():
     class BadShape(torch.autograd.Function):
         @staticmethod

@@ -356,9 +356,13 @@ def _pick_engine(lent: Lent, objective: Objective, target: Target, seed: int, ti
     return loop
 
 
-def _bad_returns(ex: Extras, found: dict[str, tuple[str, str]], results: list[ParameterResult],
-                 pairs: list[tuple[int, str]]) -> list[ParameterResult]:
-    """Mark the rows of inputs whose gradient ``backward`` returned with a wrong dtype/shape/device."""
+def _bad_returns(found: dict[str, tuple[str, str]], results: list[ParameterResult], pairs: list[tuple[int, str]],
+                 slots: list[_Slot]) -> list[ParameterResult]:
+    """Mark the rows of inputs whose gradient ``backward`` returned with a wrong dtype/shape/device.
+
+    A wrong gradient returned by a Function deeper inside ``fn`` (not straight to a checked input)
+    gets a row of its own.
+    """
     out = []
     for (_, key), r in zip(pairs, results):
         if key in found:
@@ -366,6 +370,10 @@ def _bad_returns(ex: Extras, found: dict[str, tuple[str, str]], results: list[Pa
             # right values in the wrong dtype/shape: list no "worst elements over tolerance" (there are none)
             r = dataclasses.replace(r, status=status, note=note, worst=r.worst if r.failed else ())
         out.append(r)
+    keys = {s.key for s in slots}
+    for key, (status, note) in found.items():
+        if key not in keys:
+            out.append(ParameterResult(name=f"returned by {key}", shape=(), status=status, kind="input", note=note))
     return out
 
 
@@ -379,6 +387,7 @@ def _raised_report(call: _Call, found: dict[str, tuple[str, str]], exc: Exceptio
             status, note = "skipped", "not checked: the backward raised (see the other rows)"
         rows.append(ParameterResult(name=f"grad w.r.t. {s.name}", shape=tuple(s.original.shape), status=status,
                                     kind="input", note=note))
+    rows += _bad_returns({k: v for k, v in found.items() if k not in {s.key for s in call.slots}}, [], [], call.slots)
     first = (str(exc).splitlines() or [""])[0][:200]
     return Report(call="verify_function", results=tuple(rows), relative_error=float("nan"),
                   options={"dtype": "float64"}, seconds=time.perf_counter() - start,
@@ -481,7 +490,7 @@ def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], p
                 results.append(dataclasses.replace(res, name=ex.pair(k, s.name), kind="input"))
                 pairs.append((k, s.key))
             evaluations += loop.evaluations
-    results = _bad_returns(ex, found, results, pairs)
+    results = _bad_returns(found, results, pairs, call.slots)
     results += _extra_checks(ex, options, all(r.passed for r in results))
     results += determinism_results(ex, options["nondet_tol"])
     kept = [(c.analytical[~c.kink], c.numerical[~c.kink]) for c in checks.values()]

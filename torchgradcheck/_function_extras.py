@@ -128,47 +128,57 @@ def once_differentiable_nodes(outputs: list[torch.Tensor]) -> set[str]:
 
 def spy_backward(outputs: list[torch.Tensor], leaves: dict[str, torch.Tensor], names: dict[str, str],
                  found: dict[str, tuple[str, str]]) -> None:
-    """Record into `found` (slot key -> (status, note)) what custom backwards return for the checked inputs.
+    """Record into `found` what custom backwards return with a wrong dtype, device or shape.
 
     Autograd casts a gradient of the wrong dtype to the input's dtype without a word, and sums a
     broadcast-shaped one down; an unfixable shape or device raises. The spy sees the raw return
     value: each custom Function node gets an instance attribute ``apply`` (looked up by autograd
-    before the class's) that calls the real one and inspects its result.
+    before the class's) that calls the real one and compares each gradient with what the next node
+    expects. Keys of `found`: the slot key when the gradient goes straight to a checked input, else
+    ``"<Function>: input <i>"`` (a Function deeper inside ``fn``).
     """
     by_leaf = {id(leaf): key for key, leaf in leaves.items()}
     for node in _custom_nodes(outputs):
-        edges = {}
-        for pos, (nxt, _) in enumerate(node.next_functions):
+        edges: dict[int, tuple[str, str, Any]] = {}
+        fname = node._forward_cls.__name__
+        for pos, (nxt, nr) in enumerate(node.next_functions):
+            if nxt is None:
+                continue
             var = getattr(nxt, "variable", None)
             if var is not None and id(var) in by_leaf:
-                edges[pos] = by_leaf[id(var)]
+                key = by_leaf[id(var)]
+                edges[pos] = (key, names[key], var)
+                continue
+            try:  # private, so optional: the shape/dtype/device autograd expects for this edge
+                meta = nxt._input_metadata[nr]
+            except (AttributeError, IndexError, TypeError):
+                continue
+            edges[pos] = (f"{fname}: input {pos}", f"input {pos} of {fname}", meta)
         if edges:
-            node.apply = _spy(node, edges, leaves, names, found)
+            node.apply = _spy(node, fname, edges, found)
 
 
-def _spy(node: Any, edges: dict[int, str], leaves: dict[str, torch.Tensor], names: dict[str, str],
+def _spy(node: Any, fname: str, edges: dict[int, tuple[str, str, Any]],
          found: dict[str, tuple[str, str]]) -> Callable[..., Any]:
     real = type(node).apply
-    fname = node._forward_cls.__name__
 
     def apply(*grad_outputs: Any) -> Any:
         out = real(node, *grad_outputs)
         returned = out if isinstance(out, tuple) else (out,)
-        for pos, key in edges.items():
+        for pos, (key, label, want) in edges.items():
             g = returned[pos] if pos < len(returned) else None
-            leaf = leaves[key]
             if not isinstance(g, torch.Tensor):
                 continue
-            said = f"backward of {fname} returned a gradient for {names[key]}"
-            if g.dtype != leaf.dtype:
-                found[key] = ("wrong dtype", f"{said} of dtype {_dt(g.dtype)}, but {names[key]} is {_dt(leaf.dtype)} "
+            said = f"backward of {fname} returned a gradient for {label}"
+            shape = tuple(want.shape)
+            if g.dtype != want.dtype:
+                found[key] = ("wrong dtype", f"{said} of dtype {_dt(g.dtype)}, but {label} is {_dt(want.dtype)} "
                                              "(autograd casts it silently)")
-            elif g.device != leaf.device:
-                found[key] = ("wrong device", f"{said} on {g.device}, but {names[key]} is on {leaf.device}")
-            elif g.shape != leaf.shape:
-                found[key] = ("wrong shape", f"{said} of shape {tuple(g.shape)}, but {names[key]} has shape "
-                                             f"{tuple(leaf.shape)} (autograd sums a broadcastable one down "
-                                             "silently, or raises)")
+            elif g.device != torch.device(want.device):
+                found[key] = ("wrong device", f"{said} on {g.device}, but {label} is on {want.device}")
+            elif tuple(g.shape) != shape:
+                found[key] = ("wrong shape", f"{said} of shape {tuple(g.shape)}, but {label} has shape "
+                                             f"{shape} (autograd sums a broadcastable one down silently, or raises)")
         return out
 
     return apply

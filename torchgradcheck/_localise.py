@@ -1,12 +1,12 @@
 """Localise the wrong backward: which submodule's own backward makes the gradients disagree.
 
 One forward of the objective, with hooks registered only for its duration, records every module
-call: its inputs (args and kwargs, cloned *before* the call so in-place modules can't spoil them),
-which of them carried gradient, which outputs carry gradient, and the custom autograd.Function
-nodes the call added to the graph outside its children. The *sites* are the leaf modules (no
-children), plus any other module whose own forward calls a custom autograd.Function or which has
-module backward hooks. Each site is then checked alone, from the loss backwards, by `verify_module`
-on a small probe module::
+call: its inputs (args and kwargs, cloned *before* the call and before the user's pre-hooks, so
+in-place modules can't spoil them), which of them carried gradient, which outputs carry gradient,
+and the custom autograd.Function nodes the call added to the graph outside its children. The
+*sites* are the leaf modules that compute something (not nn.Identity), plus any module whose own
+forward calls a custom autograd.Function or which has module backward hooks. Each site is then
+checked alone, from the loss backwards, by `verify_module` on a small probe module::
 
     loss = sum(v * site(*captured_args, **captured_kwargs))      v: a fixed random upstream gradient
 
@@ -14,10 +14,17 @@ perturbing the captured inputs that carried gradient and the site's trainable pa
 of at most `max_elements` elements is checked element by element (a parameter as the user's own
 Parameter object, so its hooks fire); a larger one along `directions` random directions that span
 the whole tensor (entries +-max(1, |x_i|)), so one wrong element anywhere still shows (numerics
-notes, section 3) at a cost independent of the tensor's size.
+notes, section 3) at a cost independent of the tensor's size. If no site is wrong, the containers
+are checked too (every input and parameter moved jointly along `directions` directions): a
+``.detach()`` or ``torch.no_grad()`` in a container's own forward is found that way.
 
 The first wrong backward is the first failing site in backward order (reverse order of completed
 forwards) none of whose own sub-sites fail: the wrong gradient enters the graph there.
+
+Not seen: custom Functions and hooks in `loss_fn` / ``forward=`` or in plain functions outside any
+module (unless a container around them fails), tensor hooks on a parameter larger than
+`max_elements` (it is substituted by ``functional_call``), and errors that only appear at the
+whole model's point but not for the module alone with a random upstream gradient.
 """
 
 from __future__ import annotations

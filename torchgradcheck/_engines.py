@@ -15,6 +15,7 @@ model or disagrees with a plain forward.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -105,6 +106,21 @@ class LoopEngine(Engine):
         return out
 
 
+def memory_budget(device: torch.device) -> int:
+    """Bytes the perturbed copies of one chunk may take: 1/8 of what is free, at most 32 MiB on CPU.
+
+    The rest is left to the activations of the batched forward, which scale with the same chunk.
+    """
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return max(1 << 20, free // 8)
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume plenty
+        free = 1 << 34
+    return max(1 << 20, min(1 << 25, free // 8))
+
+
 def _substitute(tree: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
     if tree is old:
         return new
@@ -136,14 +152,16 @@ class VmapEngine(Engine):
 
     name = "vmap"
 
-    def __init__(self, *args: Any, chunk_elements: int = 1 << 22, max_chunk: int = 256, **kwargs: Any):
+    def __init__(self, *args: Any, chunk_elements: int | None = None, max_chunk: int = 256, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.wrapped = _Wrapped(self.lent.model, self.objective)
         self.chunk_elements = chunk_elements
         self.max_chunk = max_chunk
 
     def chunk_size(self, target: Target) -> int:
-        return max(1, min(self.max_chunk, self.chunk_elements // max(1, target.tensor.numel())))
+        """Rows per batched forward: at most `max_chunk`, and perturbed copies within the memory budget."""
+        budget = self.chunk_elements or memory_budget(target.tensor.device) // target.tensor.element_size()
+        return max(1, min(self.max_chunk, budget // max(1, target.tensor.numel())))
 
     def _row_fn(self, target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
         wrapped, batch = self.wrapped, self.objective.batch
@@ -165,12 +183,20 @@ class VmapEngine(Engine):
         out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
         size = self.chunk_size(target)
         with torch.no_grad():
-            for start in range(0, rows.shape[0], size):
+            start = 0
+            while start < rows.shape[0]:
                 chunk = rows[start : start + size]
                 self._prepare()
-                out[start : start + len(chunk)] = fn(chunk.view(len(chunk), *target.shape))
+                try:
+                    out[start : start + len(chunk)] = fn(chunk.view(len(chunk), *target.shape))
+                except torch.OutOfMemoryError:
+                    if size == 1:
+                        raise
+                    size = self.max_chunk = max(1, size // 2)  # activations did not fit: halve and retry
+                    continue
                 self.evaluations += len(chunk)
                 self.tick(len(chunk))
+                start += len(chunk)
         return out
 
     def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,10 @@ Two ways to use the ranks, chosen with ``split=``:
 * ``split=False`` (default), a *distributed model* whose forward/backward call collectives
   (tensor-parallel layers, DDP): every rank runs every forward in lockstep, see `_placement`.
 
-Both need the same call on every rank, in the same order, like any collective.
+Both need the same call on every rank, in the same order, like any collective. Argument errors
+and facts every rank sees alike (a loss that is not replicated, a model that differs across ranks)
+are raised on every rank; a rank that never calls, or whose forward raises, leaves the others
+waiting in a collective until the process group's ``timeout`` turns the wait into an error.
 """
 
 from __future__ import annotations
@@ -295,7 +298,11 @@ def verify_distributed(
 
     Raises:
         InvalidArgumentError / InvalidArgumentTypeError: a bad argument, no process group, a loss
-            that is not replicated, a "replicated" tensor that differs across ranks.
+            that is not replicated, a "replicated" tensor that differs across ranks, a DDP model
+            not in the checking dtype (wrap ``model.double()``).
+
+    Sharp edges: only full checks (every element; no ``mode=``). Every rank must make the same call;
+    set ``timeout=`` in ``init_process_group`` so a rank that fails alone cannot hang the others.
 
     Example:
         >>> dist.init_process_group("gloo")  # under torchrun --nproc-per-node 2

@@ -7,6 +7,8 @@ explicit asserts next to it spell out the property the test is about.
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from corpus import HandLinear
@@ -255,6 +257,7 @@ def test_verify_module_passes_dropout_in_train_mode(engine):
 # ------------------------------------------------------------------------------ raised halfway
 
 
+@functools.lru_cache(maxsize=None)
 def _count_calls(engine):
     """How many times the loss is called in a full check of `_mlp()` with `engine`."""
     calls = [0]

@@ -2,10 +2,11 @@
 
 Each configuration is spawned fresh (torch.multiprocessing, gloo, file:// rendezvous, one thread per
 rank); the time is the check's own (``report.seconds``: the slowest rank, process start excluded), and
-the CPU time of the busiest rank (``time.process_time``), which is what the wall time becomes on idle
-cores: on a machine shared with other jobs, wall times say little. Correctness first: every
-configuration must reach the verdict of a single-process ``verify_module`` (a correct MLP passes, the
-same MLP with one weight 1 % wrong fails on that element), else the benchmark fails.
+the CPU time of the busiest rank's main thread (``time.thread_time``: gloo's own threads excluded),
+and the evaluations on the busiest rank. On a machine shared with other jobs the wall times say
+little; the evaluation count must halve. Correctness first: every configuration must reach the
+expected verdict (the correct MLP passes; the same MLP with one weight gradient 1 % wrong fails on
+exactly that element), else the benchmark fails.
 
 Run: ``python -m pytest benchmarks/bench_distributed.py -s`` or ``python benchmarks/bench_distributed.py``.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import pickle
+import re
 import sys
 import tempfile
 import time
@@ -53,9 +55,9 @@ def _entry(rank: int, world: int, init: str, out: str, engine: str, threads: int
                             timeout=datetime.timedelta(seconds=DEADLINE))
     try:
         model, loss_fn, batch = _problem(bug)
-        cpu = time.process_time()
+        cpu = time.thread_time()
         report = verify_distributed(model, loss_fn, batch, split=True, engine=engine)
-        cpu = time.process_time() - cpu
+        cpu = time.thread_time() - cpu
     finally:
         dist.destroy_process_group()
     (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps((report, cpu)))
@@ -85,14 +87,15 @@ def _expect(report: Any, bug: bool) -> None:
         assert failure.worst[0].index == (3, 7), report
 
 
-def measure(engine: str) -> list[tuple[int, float, float, str]]:
-    """(ranks, wall seconds, CPU seconds of the busiest rank, the split note) for 1 and 2 ranks."""
+def measure(engine: str) -> list[tuple[int, float, float, int]]:
+    """(ranks, wall seconds, CPU seconds of the busiest rank, its evaluations) for 1 and 2 ranks."""
     rows = []
     for world in (1, 2):
         report, cpu = sharded_check(world, engine)
         _expect(report, bug=False)
         note = next(n for n in report.notes if n.startswith("split:"))
-        rows.append((world, report.seconds, cpu, note.split("(")[1].split(")")[0]))
+        busiest = int(re.search(r"at most ([0-9,]+) evaluations", note)[1].replace(",", ""))
+        rows.append((world, report.seconds, cpu, busiest))
     _expect(sharded_check(2, engine, bug=True)[0], bug=True)
     return rows
 
@@ -103,13 +106,15 @@ def test_bench_split_full_check_1_vs_2_ranks(engine):
     rows = measure(engine)
     print()
     _print(engine, rows)
-    assert rows[1][2] < 0.75 * rows[0][2], rows  # the busiest of two ranks does well under the work of one
+    # The work of the busiest rank must halve; the times depend on what else the machine runs.
+    assert rows[1][3] < 0.55 * rows[0][3], rows
 
 
-def _print(engine: str, rows: list[tuple[int, float, float, str]]) -> None:
-    for world, wall, cpu, per_rank in rows:
+def _print(engine: str, rows: list[tuple[int, float, float, int]]) -> None:
+    for world, wall, cpu, busiest in rows:
         print(f"engine={engine:5s} ranks={world}  wall {wall:6.2f} s (x{rows[0][1] / wall:.2f})  "
-              f"busiest rank CPU {cpu:6.2f} s (x{rows[0][2] / cpu:.2f})  {per_rank}")
+              f"busiest rank CPU {cpu:6.2f} s (x{rows[0][2] / cpu:.2f})  "
+              f"{busiest:,} evaluations (x{rows[0][3] / busiest:.2f})")
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def failure():
     gen = torch.Generator().manual_seed(3)
     batch = (torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, engine="loop")
+    report = verify_module(model, nn.MSELoss(), batch, engine="loop", localise=False)
     assert_unchanged(before, model)
     return report
 
@@ -146,3 +146,18 @@ def test_message_engine_vmap_refuses_with_the_fix():
                                          r"vmap could not run the model .*; use engine='auto'\.$"):
         verify_module(model, lambda out: out.sum(), batch, engine="vmap")
     assert_unchanged(before, model)
+
+
+@pytest.mark.slow
+def test_message_default_failure_names_the_first_wrong_backward():
+    """With default options a failure also checks each submodule alone and names the wrong one."""
+    model = Cut()
+    gen = torch.Generator().manual_seed(3)
+    batch = (torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen))
+    before = snapshot(model)
+    report = verify_module(model, nn.MSELoss(), batch)
+    assert_unchanged(before, model)
+    with pytest.raises(GradientMismatchError,
+                       match=r"(?m)^first wrong backward: fc \(HandLinear\): gradient of weight disagrees "
+                             r"\(relative error \d\.\d\de-\d\d\); "):
+        report.assert_passed()

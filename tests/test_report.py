@@ -381,3 +381,18 @@ def test_report_snapshot_of_a_real_table(every_status):
     assert lines[0] == lines[0].rstrip()
     assert re.match(r"verify_module: FAILED, gradients disagree for 3 of 8 tensors \(relative error [\d.e+-]+\)$",
                     lines[0])
+
+
+@pytest.mark.slow
+def test_report_to_dict_with_localisation_is_json():
+    """A default failing check also localises the wrong backward; that part is JSON too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(HandLinear(3, 4, lambda gx, gw, gb: (gx, 2 * gw, gb)), nn.Tanh(), nn.Linear(4, 2))
+    batch = (torch.randn(5, 3), torch.randn(5, 2))
+    before = snapshot(model)
+    report = verify_module(model, nn.MSELoss(), batch)
+    assert_unchanged(before, model)
+    data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
+    assert data["passed"] is False
+    assert data["localisation"]["first_wrong"] == "0"
+    assert data["localisation"]["module_type"] == "HandLinear"

@@ -71,7 +71,10 @@ def test_error_hierarchy():
         TorchGradcheckError,
     )
 
-    assert issubclass(InvalidArgumentError, TorchGradcheckError) and issubclass(InvalidArgumentError, ValueError)
-    assert issubclass(InvalidArgumentTypeError, TorchGradcheckError) and issubclass(InvalidArgumentTypeError, TypeError)
-    assert issubclass(GradientMismatchError, TorchGradcheckError) and issubclass(GradientMismatchError, AssertionError)
+    assert issubclass(InvalidArgumentError, TorchGradcheckError)
+    assert issubclass(InvalidArgumentError, ValueError)
+    assert issubclass(InvalidArgumentTypeError, TorchGradcheckError)
+    assert issubclass(InvalidArgumentTypeError, TypeError)
+    assert issubclass(GradientMismatchError, TorchGradcheckError)
+    assert issubclass(GradientMismatchError, AssertionError)
     assert issubclass(GradcheckWarning, UserWarning)

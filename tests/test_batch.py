@@ -85,7 +85,8 @@ def _check(batch, **kwargs):
     report = verify_module(model, loss_fn, batch, engine="loop", **kwargs)
     assert report.passed, report
     assert_unchanged(before, model)
-    assert len(model.calls) > 2 and len(loss_fn.calls) == len(model.calls)
+    assert len(model.calls) > 2
+    assert len(loss_fn.calls) == len(model.calls)
     assert all(c == model.calls[0] for c in model.calls)
     return model.calls[0], loss_fn.calls[0]
 
@@ -174,7 +175,8 @@ def test_batch_integer_tensors_pass_through_unchanged():
     assert report.passed, report
     assert_unchanged(before, model)
     assert all(i is idx for i in seen)
-    assert idx.dtype == torch.int64 and idx.tolist() == [1, 0, 2]
+    assert idx.dtype == torch.int64
+    assert idx.tolist() == [1, 0, 2]
 
 
 def test_batch_dtype_none_keeps_float32():
@@ -254,7 +256,8 @@ def test_batch_caller_tensors_are_never_modified(inputs, engine, dtype):
     assert report.passed, report
     assert_unchanged(before, model)
     _assert_batch_unchanged(state, batch)
-    assert x.grad is None and x.dtype == dtype
+    assert x.grad is None
+    assert x.dtype == dtype
 
 
 # ------------------------------------------------------------------------------ inputs=True
@@ -290,7 +293,8 @@ def test_inputs_true_catches_a_wrong_input_gradient(engine):
     assert not report.passed
     assert [(r.name, r.kind, r.status) for r in report.failures] == [("batch[0]", "input", "mismatch")]
     by_name = {r.name: r for r in report.results}
-    assert by_name["batch[0]"].failed == 12 and by_name["batch[0]"].shape == (3, 4)
+    assert by_name["batch[0]"].failed == 12
+    assert by_name["batch[0]"].shape == (3, 4)
     assert by_name["batch[1]"].status == "ok"
     assert "batch[0][" in str(report)
     assert_unchanged(before, model)

@@ -111,14 +111,17 @@ def test_cli_check_exits_1_on_a_mismatch(cases, capsys):
     code, out, _ = _run(["check", f"{cases}:bad"], capsys)
     assert code == 1
     assert out.startswith("verify_module: FAILED, gradients disagree for 2 of 2 tensors")
-    assert "fc.weight[" in out and "This usually means one of:" in out
+    assert "fc.weight[" in out
+    assert "This usually means one of:" in out
 
 
 def test_cli_check_accepts_a_dict_of_arguments(cases, capsys):
     code, out, _ = _run(["check", f"{cases}:as_dict", "--engine", "loop", "--seed", "3"], capsys)
     assert code == 0
-    assert "fc.bias" in out and "skipped" in out
-    assert "seed=3" in out and "engine=loop" in out
+    assert "fc.bias" in out
+    assert "skipped" in out
+    assert "seed=3" in out
+    assert "engine=loop" in out
 
 
 @pytest.mark.parametrize(("target", "code"), [("good", 0), ("bad", 1)])
@@ -164,7 +167,8 @@ def test_cli_check_bad_target_is_a_clear_error(cases, capsys, target, message):
 def test_cli_check_shows_the_traceback_of_a_raising_factory(cases, capsys):
     code, _, err = _run(["check", f"{cases}:raises"], capsys)
     assert code == 2
-    assert "Traceback (most recent call last)" in err and "RuntimeError: factory exploded" in err
+    assert "Traceback (most recent call last)" in err
+    assert "RuntimeError: factory exploded" in err
 
 
 def test_cli_rejects_unknown_subcommand(capsys):

@@ -152,7 +152,8 @@ def test_verify_module_rejects_eps_of_one_or_more(eps):
 @pytest.mark.parametrize("eps", ["1e-6", True, [1e-6]])
 def test_verify_module_rejects_non_number_eps(eps):
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentTypeError, r"expected a number for eps= but got .* \(type=\w+\); pass a relative step",
+    _raises(model, InvalidArgumentTypeError,
+            r"expected a number for eps= but got .* \(type=\w+\); pass a relative step",
             loss_fn, batch, eps=eps)
 
 
@@ -231,7 +232,8 @@ def test_verify_module_rejects_one_bad_pattern_among_good_ones():
 def test_verify_module_rejects_params_of_wrong_type():
     model, loss_fn, batch = _setup()
     _raises(model, InvalidArgumentTypeError,
-            r"params= takes parameter names or glob patterns \(a str or a list of str\), got 3", loss_fn, batch, params=3)
+            r"params= takes parameter names or glob patterns \(a str or a list of str\), got 3",
+            loss_fn, batch, params=3)
 
 
 def test_verify_module_rejects_lazy_module():
@@ -248,7 +250,8 @@ def test_verify_module_rejects_lazy_module():
 def test_verify_module_rejects_batch_tuple_of_wrong_length(size):
     model, loss_fn, (x, y) = _setup()
     _raises(model, InvalidArgumentError,
-            PREFIX + rf"batch is a tuple of {size} items; expected a Tensor, a dict, \(inputs,\) or \(inputs, target\); "
+            PREFIX + rf"batch is a tuple of {size} items; expected a Tensor, a dict, \(inputs,\) or "
+            r"\(inputs, target\); "
             r"fix the batch, or pass forward=", loss_fn, (x, y, y, y)[:size])
 
 
@@ -263,7 +266,8 @@ def test_verify_module_accepts_long_tuple_with_forward():
 
 def test_verify_module_rejects_missing_batch():
     model, loss_fn, _ = _setup()
-    _raises(model, InvalidArgumentError, PREFIX + r"no batch was given \(batch=None\); pass the model's inputs", loss_fn)
+    _raises(model, InvalidArgumentError, PREFIX + r"no batch was given \(batch=None\); pass the model's inputs",
+            loss_fn)
 
 
 def test_verify_module_rejects_loss_that_does_not_require_grad():

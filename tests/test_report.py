@@ -81,7 +81,8 @@ def every_status():
 def test_report_statuses_cover_every_case(every_status):
     report = every_status
     assert {r.name: r.status for r in report.results} == EXPECTED_STATUS
-    assert not report.passed and not bool(report)
+    assert not report.passed
+    assert not bool(report)
     assert [r.name for r in report.failures] == ["cut.weight", "cut.bias", "bad.weight"]
     for r in report.results:
         assert r.passed == (r.status in ("ok", "zero", "unused", "skipped"))
@@ -95,7 +96,8 @@ def test_report_counts_failed_elements(every_status):
     assert bad.worst[0].analytical == pytest.approx(1.1 * bad.worst[0].numerical, rel=1e-6)
     assert (by_name["cut.weight"].failed, by_name["cut.weight"].checked) == (6, 6)
     assert all(w.analytical == 0.0 for w in by_name["cut.weight"].worst)
-    assert by_name["scale"].shape == () and by_name["scale"].worst[0].index == ()
+    assert by_name["scale"].shape == ()
+    assert by_name["scale"].worst[0].index == ()
 
 
 def test_report_skipped_parameters_are_listed_with_the_reason(every_status):
@@ -106,7 +108,8 @@ def test_report_skipped_parameters_are_listed_with_the_reason(every_status):
         "other.weight": "not selected by params=",
         "other.bias": "not selected by params=",
     }
-    assert skipped["frozen.weight"].shape == (2, 3) and skipped["frozen.weight"].checked == 0
+    assert skipped["frozen.weight"].shape == (2, 3)
+    assert skipped["frozen.weight"].checked == 0
     text = str(every_status)
     assert "frozen.weight: frozen" in text
     assert "other.bias: not selected by params=" in text
@@ -128,9 +131,14 @@ def test_report_relative_errors(every_status):
 
 def test_report_records_options_and_cost(every_status):
     options = every_status.options
-    assert options["dtype"] == "float64" and options["device"] == "cpu"
-    assert options["eps"] > 0 and options["rtol"] >= 0 and options["atol"] == 0 and options["seed"] == 0
-    assert every_status.evaluations > 2 * 6 and every_status.seconds > 0
+    assert options["dtype"] == "float64"
+    assert options["device"] == "cpu"
+    assert options["eps"] > 0
+    assert options["rtol"] >= 0
+    assert options["atol"] == 0
+    assert options["seed"] == 0
+    assert every_status.evaluations > 2 * 6
+    assert every_status.seconds > 0
     assert every_status.engine in ("loop", "vmap")
 
 
@@ -141,7 +149,9 @@ def test_report_passing_headline():
     before = snapshot(model)
     report = verify_module(model, nn.MSELoss(), batch)
     assert_unchanged(before, model)
-    assert report.passed and bool(report) and report.failures == ()
+    assert report.passed
+    assert bool(report)
+    assert report.failures == ()
     assert re.match(r"verify_module: OK, 4 tensors \(26 elements\) agree \(relative error \d\.\d\de-\d\d\)$",
                     str(report).splitlines()[0])
     assert "This usually means" not in str(report)
@@ -172,7 +182,8 @@ def test_report_to_dict_is_json_and_round_trips(every_status):
     bad = next(d for d in data["results"] if d["name"] == "bad.weight")
     assert (bad["failed"], bad["checked"], bad["worst"][0]["index"]) == (1, 6, [1, 2])
     worst = report.results[[r.name for r in report.results].index("bad.weight")].worst[0]
-    assert bad["worst"][0]["numerical"] == worst.numerical and bad["worst"][0]["analytical"] == worst.analytical
+    assert bad["worst"][0]["numerical"] == worst.numerical
+    assert bad["worst"][0]["analytical"] == worst.analytical
     assert "errors" not in bad  # per-element arrays are for pictures, not for JSON
 
 
@@ -214,12 +225,14 @@ def test_report_str_names_the_wrong_element():
     assert [r.name for r in report.failures] == ["encoder.fc1.weight"]
     assert "    encoder.fc1.weight[3, 7]: numerical " in text
     row = next(line for line in text.splitlines() if line.startswith("  encoder.fc1.weight "))
-    assert "mismatch (1/" in row and "[3, 7]" in row
+    assert "mismatch (1/" in row
+    assert "[3, 7]" in row
     assert "tensor(" not in text
 
 
 def _bounded(text: str) -> None:
-    assert "tensor(" not in text and "array(" not in text
+    assert "tensor(" not in text
+    assert "array(" not in text
     assert len(text) < 4000, len(text)
     assert max(len(line) for line in text.splitlines()) < 300
 
@@ -332,7 +345,7 @@ This usually means one of:
   1. a custom autograd.Function or hand-written backward returns a wrong gradient;
   2. a .detach(), torch.no_grad() or .data cuts a parameter off from the loss (status "no gradient");
   3. the loss is computed differently with and without autograd (e.g. branches on requires_grad).
-Elements at kinks (relu/abs/max at 0) are listed as "not differentiable here", never as failures."""
+Elements at kinks (relu/abs/max at 0) are listed as "not differentiable here", never as failures."""  # noqa: E501
 
 
 def _normalise_timing(text: str) -> str:

@@ -100,8 +100,11 @@ def test_verify_module_keeps_frozen_flags_and_training_flags():
     report = verify_module(model, nn.MSELoss(), batch)
     assert report.passed, report
     assert_unchanged(before, model)
-    assert model.training and not model[1].training and model[3].training
-    assert not model[0].bias.requires_grad and model[0].weight.requires_grad
+    assert model.training
+    assert not model[1].training
+    assert model[3].training
+    assert not model[0].bias.requires_grad
+    assert model[0].weight.requires_grad
 
 
 @pytest.mark.parametrize("engine", ENGINES)
@@ -116,8 +119,11 @@ def test_verify_module_batchnorm_buffers_do_not_drift_in_train_mode(engine):
     report = verify_module(model, nn.MSELoss(), batch, engine=engine)
     assert report.passed, report
     assert_unchanged(before, model)
-    assert bn.running_mean is mean and bn.running_var is var and bn.num_batches_tracked is count
-    assert torch.equal(mean, values[0]) and torch.equal(var, values[1])
+    assert bn.running_mean is mean
+    assert bn.running_var is var
+    assert bn.num_batches_tracked is count
+    assert torch.equal(mean, values[0])
+    assert torch.equal(var, values[1])
     assert int(count) == 1
 
 
@@ -155,7 +161,8 @@ def test_verify_module_keeps_hooks_and_fires_parameter_hooks(engine):
     assert report.passed, report
     assert_unchanged(before, model)
     # the analytical side is the user's own loss.backward(): their parameter hooks ran, in float64
-    assert torch.float64 in fired and "post" in fired
+    assert torch.float64 in fired
+    assert "post" in fired
 
 
 # ------------------------------------------------------------------------------ global state
@@ -258,7 +265,7 @@ def test_verify_module_passes_dropout_in_train_mode(engine):
 # ------------------------------------------------------------------------------ raised halfway
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _count_calls(engine):
     """How many times the loss is called in a full check of `_mlp()` with `engine`."""
     calls = [0]
@@ -406,4 +413,5 @@ def test_verify_module_restores_everything_on_interrupt_inside_backward():
     with pytest.raises(KeyboardInterrupt):
         verify_module(model, nn.MSELoss(), (x, y))
     assert_unchanged(before, model)
-    assert model[0].weight.grad is stale and model[3].weight.grad is None
+    assert model[0].weight.grad is stale
+    assert model[3].weight.grad is None

@@ -21,7 +21,7 @@ __all__ = ["main"]
 EXIT_ERROR = 2  # not a verdict: bad usage, or the user's code raised
 
 
-class _Usage(Exception):
+class _UsageError(Exception):
     """A message for stderr and exit status 2, without a traceback."""
 
 
@@ -56,7 +56,7 @@ def _plot(report: Any, path: str | None, case: int | None = None) -> None:
     try:
         report.plot(path)
     except ImportError as exc:
-        raise _Usage(f"--plot: {exc}") from None
+        raise _UsageError(f"--plot: {exc}") from None
     print(f"plot written to {path}", file=sys.stderr)
 
 
@@ -86,24 +86,24 @@ def _demo(args: argparse.Namespace) -> int:
 def _load_factory(spec: str) -> Any:
     path, _, name = spec.rpartition(":")
     if not path or not name:
-        raise _Usage(f"expected FILE.py:FACTORY (e.g. models.py:make_case), got {spec!r}")
+        raise _UsageError(f"expected FILE.py:FACTORY (e.g. models.py:make_case), got {spec!r}")
     file = Path(path)
     if not file.is_file():
-        raise _Usage(f"no such file {path!r} (from {spec!r}); give a path to a Python file")
+        raise _UsageError(f"no such file {path!r} (from {spec!r}); give a path to a Python file")
     module_spec = importlib.util.spec_from_file_location(file.stem, file)
     if module_spec is None or module_spec.loader is None:
-        raise _Usage(f"cannot import {path!r}; give a path to a Python file (.py)")
+        raise _UsageError(f"cannot import {path!r}; give a path to a Python file (.py)")
     module = importlib.util.module_from_spec(module_spec)
     sys.path.insert(0, str(file.parent.resolve()))  # so the file can import its neighbours
     try:
         module_spec.loader.exec_module(module)
     except Exception:
         traceback.print_exc()
-        raise _Usage(f"importing {path} raised (traceback above)") from None
+        raise _UsageError(f"importing {path} raised (traceback above)") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         names = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_"))
-        raise _Usage(f"{path} has no callable {name!r}; callables there: {names[:10]}")
+        raise _UsageError(f"{path} has no callable {name!r}; callables there: {names[:10]}")
     return factory
 
 
@@ -118,24 +118,24 @@ def _check(args: argparse.Namespace) -> int:
             made = factory()
         except Exception:
             traceback.print_exc()
-            raise _Usage(f"{args.target}() raised (traceback above)") from None
+            raise _UsageError(f"{args.target}() raised (traceback above)") from None
         if isinstance(made, dict):
             call_args: tuple[Any, ...] = ()
             kwargs = dict(made)
         elif isinstance(made, (tuple, list)) and len(made) == 3:
             call_args, kwargs = tuple(made), {}
         else:
-            raise _Usage(
+            raise _UsageError(
                 f"{args.target}() must return (model, loss_fn, batch) or a dict of verify_module arguments, "
                 f"got {type(made).__name__}"
             )
         try:
             report = verify_module(*call_args, **kwargs, **_options(args))
         except TorchGradcheckError as exc:  # a bad argument: the message says the fix
-            raise _Usage(str(exc)) from None
+            raise _UsageError(str(exc)) from None
         except Exception:  # the model or loss raised: show where, but never exit 1 (that means "mismatch")
             traceback.print_exc()
-            raise _Usage("the check raised (traceback above)") from None
+            raise _UsageError("the check raised (traceback above)") from None
     finally:
         sys.path[:] = saved_path
     _print(report, args.json)
@@ -144,7 +144,10 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="torchgradcheck", description="Check PyTorch gradients against finite differences.")
+    parser = argparse.ArgumentParser(
+        prog="torchgradcheck", description="Check PyTorch gradients against finite differences.",
+        epilog="Exit status: 0 pass, 1 gradient mismatch (check), 2 usage error or the checked code raised.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="check an embedded correct model and a planted bug")
     _add_check_options(demo)
@@ -156,7 +159,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.run(args))
-    except _Usage as exc:
+    except _UsageError as exc:
         print(f"torchgradcheck {args.command}: {exc}", file=sys.stderr)
         return EXIT_ERROR
 

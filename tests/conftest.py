@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One intra-op thread: the tests use small tensors, where threads only add overhead (and on a
+# loaded 2-core machine, oversubscription slows tiny kernels by orders of magnitude).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,8 @@ from ._errors import GradientMismatchError
 
 __all__ = ["ElementResult", "ParameterResult", "Report"]
 
-DETAIL_SHOWN = 3  # worst elements listed per failing tensor
+DETAIL_SHOWN = 3  # worst elements listed per failing tensor ...
+DETAIL_TENSORS = 3  # ... for this many failing tensors, the worst first
 
 # Statuses that pass; every other status fails the check.
 PASSING = ("ok", "zero", "unused", "skipped", "inconclusive")
@@ -106,6 +107,7 @@ class Report:
     seconds: float = 0.0
     engine: str = "loop"
     notes: tuple[str, ...] = ()
+    localisation: Any = None  # a `Localisation` when verify_module looked for the wrong backward
 
     @property
     def passed(self) -> bool:
@@ -181,8 +183,10 @@ class Report:
 
     def details(self) -> list[str]:
         lines = []
+        failing = sorted(self.failures, key=lambda r: -(r.worst[0].score if r.worst else 0.0))
+        shown_failures = {id(r) for r in failing[:DETAIL_TENSORS]}
         for r in self.results:
-            if not r.passed and r.worst:
+            if not r.passed and r.worst and id(r) in shown_failures:
                 shown = [w for w in r.worst if w.abs_error > w.tolerance][:DETAIL_SHOWN] or list(r.worst[:1])
                 lines.append(f"  {r.name}: {r.failed} element(s) over tolerance; worst:")
                 for w in shown:
@@ -196,11 +200,16 @@ class Report:
                 shown = ", ".join(element_name(r.name, i) for i in r.not_differentiable[:3])
                 more = f" and {r.excluded - 3} more" if r.excluded > 3 else ""
                 lines.append(f"  {r.name}: {r.excluded} element(s) not differentiable here (excluded): {shown}{more}")
+        if len(failing) > DETAIL_TENSORS:
+            lines.append(f"  ... and {len(failing) - DETAIL_TENSORS} more failing tensor(s): see the table")
         return lines
 
     def __str__(self) -> str:
         opts = " ".join(f"{k}={v}" for k, v in self.options.items())
-        parts = [self.headline(), self.table(), *self.details(), *(f"  note: {n}" for n in self.notes)]
+        parts = [self.headline(), self.table()]
+        if self.localisation is not None:
+            parts.append(str(self.localisation))
+        parts += [*self.details(), *(f"  note: {n}" for n in self.notes)]
         parts.append(f"Checked with: {opts} engine={self.engine}; {self.evaluations:,} evaluations in {self.seconds:.2f} s")
         if not self.passed:
             parts.append(_CAUSES)

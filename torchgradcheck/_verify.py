@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 import time
@@ -28,7 +29,8 @@ __all__ = ["verify_module"]
 _CALL = "verify_module(model, loss_fn, batch)"
 # What torch says when a kernel rejects the dtype it was given ("expected scalar type Float but found Double").
 _DTYPE_ERROR = re.compile(r"(?i)double|float64|dtype|scalar type")
-_OPTIONS = ("forward", "params", "inputs", "mode", "budget", "eps", "rtol", "atol", "dtype", "seed", "engine", "progress")
+_OPTIONS = ("forward", "params", "inputs", "mode", "budget", "eps", "rtol", "atol", "dtype", "seed", "engine",
+            "progress", "localise")
 
 
 def _dense_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
@@ -69,6 +71,7 @@ def verify_module(
     seed: int = 0,
     engine: str = "auto",
     progress: bool | None = None,
+    localise: bool | None = None,
     **unknown: Any,
 ) -> Report:
     """Check `model`'s parameter gradients from ``loss.backward()`` against central differences.
@@ -92,6 +95,8 @@ def verify_module(
         seed: the RNG seed set before every evaluation (dropout draws the same mask in each).
         engine: "auto" (vmap, falling back to a loop), "vmap" or "loop".
         progress: show a progress bar (None: when stderr is a terminal).
+        localise: check each submodule's own backward in isolation and name the first wrong one
+            (None: only when the check failed; False: never; True: always).
 
     Returns:
         A `Report`: ``report.passed``, one `ParameterResult` per parameter, ``str(report)`` a table.
@@ -145,9 +150,18 @@ def verify_module(
         objective = Objective(loss_fn, converted, forward)
     except BatchError as exc:
         raise InvalidArgumentError(f"{_CALL}: {exc}; fix the batch, or pass forward=.") from None
+    if localise is not None and not isinstance(localise, bool):
+        raise InvalidArgumentTypeError(f"{_CALL}: localise= must be True, False or None, got {localise!r}.")
     with preserved_global_state(), lend_model(model, dtype) as lent:
-        return _run(lent, objective, checked, skipped, inputs, eps, rtol, atol, dtype, seed, engine, progress, start,
-                    mode, float(budget))
+        report = _run(lent, objective, checked, skipped, inputs, eps, rtol, atol, dtype, seed, engine, progress,
+                      start, mode, float(budget))
+    if localise or (localise is None and not report.passed):
+        from ._localise import localise as find_wrong_backward
+
+        found = find_wrong_backward(model, loss_fn, batch, forward=forward, dtype=dtype, seed=seed,
+                                    engine=engine, inputs=inputs)
+        report = dataclasses.replace(report, localisation=found, seconds=time.perf_counter() - start)
+    return report
 
 
 def _analytical(lent: Lent, objective: Objective, targets: list[Target], seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:

@@ -415,3 +415,27 @@ def test_verify_module_restores_everything_on_interrupt_inside_backward():
     assert_unchanged(before, model)
     assert model[0].weight.grad is stale
     assert model[3].weight.grad is None
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_verify_module_works_under_inference_mode_and_keeps_it(engine):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(5, 3), nn.Flatten(), nn.Linear(6, 2))
+    with torch.inference_mode():
+        idx, target = torch.randint(0, 5, (4, 2)), torch.randn(4, 2)  # inference tensors
+        before = snapshot(model)
+        report = verify_module(model, nn.MSELoss(), (idx, target), engine=engine)
+        assert_unchanged(before, model)
+        assert torch.is_inference_mode_enabled()
+    assert report.passed, str(report)
+    assert not torch.is_inference_mode_enabled()
+
+
+def test_verify_module_under_inference_mode_still_catches_a_bug():
+    model = _mlp(bug=_double_first_weight)
+    with torch.inference_mode():
+        x, y = _data()
+        before = snapshot(model)
+        report = verify_module(model, nn.MSELoss(), (x, y), localise=False)
+        assert_unchanged(before, model)
+    assert [r.name for r in report.failures] == ["0.weight"]

@@ -41,7 +41,11 @@ def convert_batch(batch: Any, dtype: torch.dtype | None, path: str = "batch") ->
             target = dtype or batch.dtype
             if batch.is_complex():  # complex stays complex: casting to a real dtype would drop the imaginary part
                 target = _COMPLEX.get(target, batch.dtype)
-            return batch.detach().to(dtype=target, copy=True).contiguous()
+            with torch.inference_mode(False):  # a normal tensor, even if the caller is in inference mode
+                return batch.detach().to(dtype=target, copy=True).contiguous()
+        if batch.is_inference():  # made under torch.inference_mode(): autograd may not save it, so copy it
+            with torch.inference_mode(False):
+                return batch.clone()
         return batch
     if isinstance(batch, dict):
         return {k: convert_batch(v, dtype, f"{path}[{k!r}]") for k, v in batch.items()}

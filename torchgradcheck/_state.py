@@ -17,13 +17,15 @@ __all__ = ["preserved_global_state", "reseed"]
 
 @contextlib.contextmanager
 def preserved_global_state() -> Iterator[None]:
-    """Restore RNG states, default dtype and grad mode on exit, whatever happens inside."""
+    """Restore RNG states, default dtype and grad mode on exit, whatever happens inside; no inference mode inside."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     default_dtype = torch.get_default_dtype()
     grad_enabled = torch.is_grad_enabled()
     try:
-        yield
+        # Under torch.inference_mode() nothing could be recorded for the backward pass; leave it for the check.
+        with torch.inference_mode(False):
+            yield
     finally:
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:

@@ -107,7 +107,9 @@ def test_cli_check_passes_a_correct_model(cases, capsys):
     assert "  fc.weight  (2, 3)  ok" in out
 
 
+@pytest.mark.slow
 def test_cli_check_exits_1_on_a_mismatch(cases, capsys):
+    """Default options: the failure also localises the wrong backward (slow)."""
     code, out, _ = _run(["check", f"{cases}:bad"], capsys)
     assert code == 1
     assert out.startswith("verify_module: FAILED, gradients disagree for 2 of 2 tensors")
@@ -126,7 +128,7 @@ def test_cli_check_accepts_a_dict_of_arguments(cases, capsys):
 
 @pytest.mark.parametrize(("target", "code"), [("good", 0), ("bad", 1)])
 def test_cli_check_json_is_valid(cases, capsys, target, code):
-    exit_code, out, _ = _run(["check", f"{cases}:{target}", "--json"], capsys)
+    exit_code, out, _ = _run(["check", f"{cases}:{target}", "--json", "--no-localise"], capsys)
     assert exit_code == code
     data = json.loads(out)
     assert data["passed"] is (code == 0)
@@ -189,7 +191,7 @@ def test_cli_module_entry_point_exit_codes(cases):
     good = _subprocess("check", f"{cases}:good")
     assert good.returncode == 0, good.stderr
     assert "verify_module: OK" in good.stdout
-    bad = _subprocess("check", f"{cases}:bad", "--json")
+    bad = _subprocess("check", f"{cases}:bad", "--json", "--no-localise")
     assert bad.returncode == 1, bad.stderr
     assert json.loads(bad.stdout)["passed"] is False
     spec = _subprocess("check", "no_such_file.py:make")
@@ -215,3 +217,20 @@ def test_cli_demo_json_is_one_valid_document():
     assert data["as_expected"] is True
     assert [(c["expected_pass"], c["report"]["passed"]) for c in data["cases"]] == [(True, True), (False, False)]
     assert "demo: both verdicts as expected" in result.stderr
+
+
+def test_cli_check_mode_params_and_inputs(cases, capsys):
+    code, out, _ = _run(["check", f"{cases}:bad", "--json", "--mode", "full", "--params", "fc.bias", "--inputs",
+                         "--no-localise"], capsys)
+    assert code == 1
+    data = json.loads(out)
+    assert data["options"]["mode"] == "full"
+    assert {r["name"]: r["status"] for r in data["results"]} == {
+        "fc.bias": "mismatch", "fc.weight": "skipped", "batch[0]": "mismatch", "batch[1]": "ok",
+    }
+
+
+def test_cli_check_repeated_params(cases, capsys):
+    code, out, _ = _run(["check", f"{cases}:good", "--json", "--params", "fc.bias", "--params", "fc.w*"], capsys)
+    assert code == 0
+    assert {r["name"]: r["status"] for r in json.loads(out)["results"]} == {"fc.weight": "ok", "fc.bias": "ok"}

@@ -32,6 +32,13 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, default=None, help="relative finite-difference step")
     p.add_argument("--rtol", type=float, default=None, help="relative floor of the tolerance")
     p.add_argument("--atol", type=float, default=0.0, help="absolute floor of the tolerance")
+    p.add_argument("--mode", choices=["auto", "full", "directional", "sampled"], default=None,
+                   help="what to check: every element (full), random directions, sampled elements, or auto (default)")
+    p.add_argument("--params", action="append", metavar="PATTERN", default=None,
+                   help="check only parameters matching this name or glob pattern (repeatable)")
+    p.add_argument("--inputs", action="store_true", help="also check gradients w.r.t. the batch's floating tensors")
+    p.add_argument("--no-localise", dest="localise", action="store_false", default=None,
+                   help="on a failure, do not check each submodule alone to name the first wrong backward")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--plot", metavar="PATH", default=None,
                    help="also draw the report (error / tolerance per tensor, heatmaps of failing tensors) to PATH; "
@@ -39,7 +46,16 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    return {"engine": args.engine, "seed": args.seed, "eps": args.eps, "rtol": args.rtol, "atol": args.atol}
+    options = {"engine": args.engine, "seed": args.seed, "eps": args.eps, "rtol": args.rtol, "atol": args.atol}
+    if args.mode is not None:  # unset options keep verify_module's defaults
+        options["mode"] = args.mode
+    if args.params:
+        options["params"] = args.params
+    if args.inputs:
+        options["inputs"] = True
+    if args.localise is False:
+        options["localise"] = False
+    return options
 
 
 def _print(report: Any, as_json: bool) -> None:

@@ -338,7 +338,7 @@ def _check(call: _Call, dtype: torch.dtype | None, seed: int, engine: str, max_e
         return verdict("skipped", "no input carries gradient and it has no trainable parameter")
     try:
         report = verify_module(probe, forward=_probe_loss, batch=None, params=sorted(probe.checked), dtype=dtype,
-                               seed=seed, engine=engine, progress=False, mode="full")
+                               seed=seed, engine=engine, progress=False, mode="full", localise=False)
     except Exception as exc:  # a site that can't run alone must not hide the main report
         return verdict("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
     wrong = tuple(probe.checked[r.name] for r in report.failures)

@@ -115,6 +115,15 @@ def test_cli_check_exits_1_on_a_mismatch(cases, capsys):
     assert out.startswith("verify_module: FAILED, gradients disagree for 2 of 2 tensors")
     assert "fc.weight[" in out
     assert "This usually means one of:" in out
+    assert "first wrong backward:" in out
+
+
+def test_cli_check_no_localise_exits_1_on_a_mismatch(cases, capsys):
+    code, out, _ = _run(["check", f"{cases}:bad", "--no-localise"], capsys)
+    assert code == 1
+    assert out.startswith("verify_module: FAILED, gradients disagree for 2 of 2 tensors")
+    assert "fc.weight[" in out
+    assert "first wrong backward:" not in out
 
 
 def test_cli_check_accepts_a_dict_of_arguments(cases, capsys):

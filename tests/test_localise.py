@@ -280,3 +280,17 @@ def test_localise_user_forward_hooks_run_once_per_site():
     assert loc.first_wrong is None, loc
     assert [s.status for s in loc.checked] == ["ok"] * 4, loc
     assert len(model[1]._forward_pre_hooks) == len(model[1]._forward_hooks) == 1
+
+
+def test_verify_module_report_names_the_first_wrong_backward_only_on_failure():
+    model, loss_fn, batch, culprit = DEEP["deep_buggy_activation"]()
+    before = snapshot(model)
+    report = verify_module(model, loss_fn, batch)
+    assert not report.passed
+    assert report.localisation.first_wrong == culprit
+    assert f"first wrong backward: {culprit}" in str(report)
+    assert report.to_dict()["localisation"]["first_wrong"] == culprit
+    assert_unchanged(before, model)
+    assert verify_module(model, loss_fn, batch, localise=False).localisation is None
+    good, loss_fn, batch, _ = DEEP["deep_correct"]()
+    assert verify_module(good, loss_fn, batch).localisation is None

@@ -124,7 +124,7 @@ def check_tensor(engine: Engine, job: TensorJob, loss0: torch.Tensor, floor: flo
     else:
         empty = torch.zeros(0, dtype=torch.float64, device=job.target.tensor.device)
         check = TensorCheck(empty, empty, empty, empty.bool(), job.sigma, index=index)
-    text = " + ".join(coverage) + f" / {job.numel:,}"
+    text = "full" if index.numel() == job.numel else " + ".join(coverage) + f" / {job.numel:,}"
     result_ = summarise(job.target, check, job.has_grad, coverage=text, extra_failure=extra)
     if result_.failed and extra:  # the elements carry the evidence; the probe note is redundant
         result_ = summarise(job.target, check, job.has_grad, coverage=text)

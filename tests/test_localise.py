@@ -294,3 +294,13 @@ def test_verify_module_report_names_the_first_wrong_backward_only_on_failure():
     assert verify_module(model, loss_fn, batch, localise=False).localisation is None
     good, loss_fn, batch, _ = DEEP["deep_correct"]()
     assert verify_module(good, loss_fn, batch).localisation is None
+
+
+def test_report_with_localisation_pickles():
+    import pickle
+
+    model, loss_fn, batch, culprit = DEEP["deep_buggy_activation"]()
+    report = verify_module(model, loss_fn, batch, mode="sampled")
+    again = pickle.loads(pickle.dumps(report))
+    assert again.localisation.first_wrong == culprit == report.localisation.first_wrong
+    assert str(again) == str(report)

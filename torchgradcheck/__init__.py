@@ -16,8 +16,10 @@ __all__ = [
     "GradientMismatchError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
+    "Localisation",
     "ParameterResult",
     "Report",
+    "SiteVerdict",
     "TorchGradcheckError",
     "__version__",
     "plot_step_sweep",
@@ -36,6 +38,8 @@ _WHERE = {
     "InvalidArgumentError": "._errors",
     "InvalidArgumentTypeError": "._errors",
     "TorchGradcheckError": "._errors",
+    "Localisation": "._localise",
+    "SiteVerdict": "._localise",
     "plot_step_sweep": "._plot",
     "verify_distributed": "._distributed",
     "verify_function": "._function",
@@ -53,6 +57,7 @@ if TYPE_CHECKING:
     from ._distributed import verify_distributed
     from ._function import verify_function
     from ._plot import plot_step_sweep
+    from ._localise import Localisation, SiteVerdict
     from ._report import ElementResult, ParameterResult, Report
     from ._verify import verify_module
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,11 +217,15 @@ def _verdict(passed: bool, bug: bool) -> str:
 
 
 def run(device: str = "cpu", quick: bool = False, slow_limit: int = 150_000) -> list[str]:
-    lines = [
-        "| workload | params | method | engine | time correct (s) | evaluations | verdict correct | "
-        "verdict bug | time / 2N batched forwards |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    """The whole table as a list of markdown lines."""
+    return list(rows(device, quick, slow_limit))
+
+
+def rows(device: str = "cpu", quick: bool = False, slow_limit: int = 150_000) -> Iterator[str]:
+    """The table's markdown lines, each as soon as it is measured."""
+    yield ("| workload | params | method | engine | time correct (s) | evaluations | verdict correct | "
+           "verdict bug | time / 2N batched forwards |")
+    yield "|---|---|---|---|---|---|---|---|---|"
     for w in _workloads()[:2] if quick else _workloads():
         model, _, _ = _build(w, device, False)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -230,18 +234,17 @@ def run(device: str = "cpu", quick: bool = False, slow_limit: int = 150_000) -> 
                                ("torchgradcheck directional", {"mode": "directional"})):
             ok, t, evals, engine = _ours(w, device, False, **options)
             bad, _, _, _ = _ours(w, device, True, **options)
-            lines.append(f"| {w.name} | {n:,} | {label} | {engine} | {t:.2f} | {evals:,} | {_verdict(ok, False)} | "
-                         f"{_verdict(bad, True)} | {t / floor:.2f} |")
+            yield (f"| {w.name} | {n:,} | {label} | {engine} | {t:.2f} | {evals:,} | {_verdict(ok, False)} | "
+                   f"{_verdict(bad, True)} | {t / floor:.2f} |")
         for label, fast in (("gradcheck slow", False), ("gradcheck fast", True)):
             if not fast and (n > slow_limit or (quick and n > 10_000)):
-                lines.append(f"| {w.name} | {n:,} | {label} | - | skipped (N > {slow_limit:,}) | | | | |")
+                yield (f"| {w.name} | {n:,} | {label} | - | skipped (N > {slow_limit:,}) | | | | |")
                 continue
             ok, t, evals = _gradcheck(w, device, False, fast)
             bad, _, _ = _gradcheck(w, device, True, fast)
-            lines.append(f"| {w.name} | {n:,} | {label} | - | {t:.2f} | {evals:,} | {_verdict(ok, False)} | "
-                         f"{_verdict(bad, True)} | {t / floor:.2f} |")
-        lines.append(f"| {w.name} | {n:,} | 2N batched forwards | vmap | {floor:.2f} | {2 * n:,} | | | 1.00 |")
-    return lines
+            yield (f"| {w.name} | {n:,} | {label} | - | {t:.2f} | {evals:,} | {_verdict(ok, False)} | "
+                   f"{_verdict(bad, True)} | {t / floor:.2f} |")
+        yield (f"| {w.name} | {n:,} | 2N batched forwards | vmap | {floor:.2f} | {2 * n:,} | | | 1.00 |")
 
 
 def test_bench_speed_quick_verdicts():
@@ -258,7 +261,7 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available on this machine; run without --device cuda")
-    torch.set_num_threads(torch.get_num_threads())
     print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), "
           f"torch {torch.__version__}, threads {torch.get_num_threads()}")
-    print("\n".join(run(args.device, args.quick, args.slow_limit)))
+    for line in rows(args.device, args.quick, args.slow_limit):
+        print(line, flush=True)

@@ -427,3 +427,30 @@ def test_verify_function_rejects_nan_and_complex_inputs():
         verify_function(lambda x: x.sin(), torch.tensor([1.0, float("nan")], requires_grad=True))
     with pytest.raises(InvalidArgumentError, match="complex inputs are not supported"):
         verify_function(lambda x: x.abs(), torch.randn(3, dtype=torch.complex128, requires_grad=True))
+
+
+class _CrashingJvp(torch.autograd.Function):
+    """A correct backward, and a jvp that crashes: a finding, not 'forward mode unavailable'."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        ctx.save_for_forward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 2 * x * g
+
+    @staticmethod
+    def jvp(ctx, t):
+        raise RuntimeError("index out of range in my jvp kernel")
+
+
+def test_verify_function_reports_a_crashing_jvp_as_a_failure():
+    x = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    report = verify_function(_CrashingJvp.apply, x)
+    assert not report.passed
+    (row,) = report.failures
+    assert row.status == "error" and "the jvp raised RuntimeError: index out of range" in row.note

@@ -42,7 +42,7 @@ __all__ = [
 ]
 
 NOISE_SIGMAS = 10.0  # the noise term sits this many standard deviations out
-KINK_SIGMAS = 10.0  # a quadratic misfit this far above noise is a kink ...
+KINK_SIGMAS = 10.0  # a quartic misfit this far above noise is a kink ...
 KINK_SHARE = 0.05  # ... if it also explains at least this share of the disagreement
 
 

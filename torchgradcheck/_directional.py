@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from ._check import Settings
-from ._compare import NOISE_SIGMAS, quartic_misfit
+from ._compare import KINK_SHARE, KINK_SIGMAS, NOISE_SIGMAS, quartic_misfit
 from ._engines import Engine
 from ._params import Target
 
@@ -111,9 +111,11 @@ def probe(engine: Engine, target: Target, analytical: torch.Tensor, loss0: torch
         result.numerical = numerical.clone()
         result.numerical[where] = refined
         result.tolerance = tolerance.clone()
-        result.tolerance[where] = rtol * scale[where] + 1.5 * noise + (first - wide).abs() / 3
+        result.tolerance[where] = (rtol * scale[where] + 1.5 * noise + (first - wide).abs() / 3
+                                   + settings.atol * step[where].abs().sum(dim=1))
         result.kink = kink.clone()
-        result.kink[where] = (misfit > 10 * math.sqrt(2.0) * sigma) & (misfit >= 0.05 * (ana[where] - first).abs())
+        result.kink[where] = (misfit > KINK_SIGMAS * math.sqrt(2.0) * sigma) & (
+            misfit >= KINK_SHARE * (ana[where] - first).abs())
     return result
 
 

@@ -18,7 +18,6 @@ waiting in a collective until the process group's ``timeout`` turns the wait int
 
 from __future__ import annotations
 
-import fnmatch
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -35,7 +34,7 @@ from ._engines import Engine, LoopEngine, VmapEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._noise import NOISE_POINTS, unit_roundoff
 from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
-from ._params import Lent, Target, lend_model, select_parameters
+from ._params import Lent, Target, lend_model, select_parameters, unmatched_patterns
 from ._progress import progress_bar
 from ._report import ParameterResult, Report
 from ._state import preserved_global_state, reseed
@@ -352,11 +351,9 @@ def verify_distributed(
     if module_is_lazy(model):
         raise InvalidArgumentError(f"{CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
     checked, skipped = select_parameters(model, patterns)
-    if patterns is not None:
-        names = [n for n, _ in checked] + [n for n, _ in skipped]
-        for p in patterns:
-            if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                raise InvalidArgumentError(f"{CALL}: params={p!r} matches no parameter; names are {names[:10]}.")
+    for p in unmatched_patterns(model, patterns):
+        names = [n for n, _ in model.named_parameters()]
+        raise InvalidArgumentError(f"{CALL}: params={p!r} matches no parameter; names are {names[:10]}.")
     if not checked and not inputs:
         raise InvalidArgumentError(
             f"{CALL}: the model has no trainable floating parameters to check; pass inputs=True."

@@ -210,6 +210,12 @@ def _defines_no_jvp(fn: Any) -> str | None:
     return None
 
 
+def _own_jvp(fn: Any) -> bool:
+    """True when `fn` is the ``apply`` of an autograd.Function that defines its own jvp."""
+    cls = getattr(fn, "__self__", None)
+    return isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and _defines_no_jvp(fn) is None
+
+
 def direction(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random direction with components ``+-max(1, |x|)``: no element is invisible, steps stay relative."""
     signs = torch.randint(0, 2, x.shape, generator=generator).to(x.device, DTYPE) * 2 - 1
@@ -289,9 +295,15 @@ def check_forward_mode(ex: Extras) -> list[ParameterResult]:
                 shapes = {k: tuple(t.shape) for k, t in outs}
         except (NotImplementedError, RuntimeError) as exc:
             first = (str(exc).splitlines() or [""])[0][:160]
-            ex.notes.append(f"forward mode: not checked: forward-mode AD is not available "
+            if _own_jvp(call.fn) and not isinstance(exc, NotImplementedError):
+                # the Function's own jvp crashed: that is a finding, never "not available"
+                rows.append(ParameterResult(name=f"jvp: w.r.t. {s.name}", shape=tuple(x.shape), status="error",
+                                            kind="forward mode",
+                                            note=f"the jvp raised {type(exc).__name__}: {first}"))
+                continue
+            ex.notes.append(f"forward mode: not checked for {s.name}: forward-mode AD is not available "
                             f"({type(exc).__name__}: {first})")
-            return []
+            continue
 
         def at(t: float, s: Any = s, x: torch.Tensor = x, d: torch.Tensor = d,
                keys: Any = tuple(tangents)) -> dict[Any, torch.Tensor]:

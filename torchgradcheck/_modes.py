@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -125,11 +125,9 @@ def check_tensor(engine: Engine, job: TensorJob, loss0: torch.Tensor, floor: flo
         empty = torch.zeros(0, dtype=torch.float64, device=job.target.tensor.device)
         check = TensorCheck(empty, empty, empty, empty.bool(), job.sigma, index=index)
     text = "full" if index.numel() == job.numel else " + ".join(coverage) + f" / {job.numel:,}"
-    result_ = summarise(job.target, check, job.has_grad, coverage=text, extra_failure=extra)
-    if result_.failed and extra:  # the elements carry the evidence; the probe note is redundant
-        result_ = summarise(job.target, check, job.has_grad, coverage=text)
-    if result_.status == "zero" and job.mode == "directional" and not extra:
-        from dataclasses import replace
-
-        result_ = replace(result_, status="ok")
-    return result_
+    result = summarise(job.target, check, job.has_grad, coverage=text, extra_failure=extra)
+    if result.failed and extra and job.has_grad:  # the elements carry the evidence; the probe note is redundant
+        result = replace(result, note="")
+    if result.status == "zero" and job.mode == "directional" and not extra:
+        result = replace(result, status="ok")  # no element checked: the probes passed
+    return result

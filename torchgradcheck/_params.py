@@ -161,3 +161,9 @@ def select_parameters(
         else:
             checked.append((name, param))
     return checked, skipped
+
+
+def unmatched_patterns(model: nn.Module, patterns: Sequence[str] | None) -> list[str]:
+    """The `patterns` that match no parameter name (every alias of a tied parameter counts)."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    return [p for p in patterns or () if not any(fnmatch.fnmatchcase(n, p) for n in names)]

@@ -20,6 +20,8 @@ across ranks; a divergence fails the tensor with status "diverged".
 
 from __future__ import annotations
 
+import dataclasses
+
 import fnmatch
 import math
 from collections.abc import Mapping
@@ -201,17 +203,11 @@ def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float)
                      "all-reduce of this tensor's gradient?")
         if res.passed:
             status = "diverged"
-    return ParameterResult(name=res.name, shape=res.shape, status=status, relative_error=res.relative_error,
-                           max_abs_error=res.max_abs_error, checked=res.checked, failed=res.failed, worst=res.worst,
-                           not_differentiable=res.not_differentiable, noise=res.noise, kind=res.kind,
-                           note="; ".join(notes))
+    return dataclasses.replace(res, status=status, note="; ".join(notes))
 
 
 def _renamed(res: ParameterResult, rank: int) -> ParameterResult:
-    return ParameterResult(name=f"rank{rank}:{res.name}", shape=res.shape, status=res.status,
-                           relative_error=res.relative_error, max_abs_error=res.max_abs_error, checked=res.checked,
-                           failed=res.failed, worst=res.worst, not_differentiable=res.not_differentiable,
-                           noise=res.noise, kind=res.kind, note=res.note)
+    return dataclasses.replace(res, name=f"rank{rank}:{res.name}")
 
 
 def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placement: Any, is_ddp: bool,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -19,7 +18,7 @@ from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._modes import MODES, TensorJob, check_tensor, measure_noise, plan
 from ._noise import NOISE_POINTS, unit_roundoff
 from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
-from ._params import Lent, Target, lend_model, select_parameters
+from ._params import Lent, Target, lend_model, select_parameters, unmatched_patterns
 from ._progress import progress_bar
 from ._report import ParameterResult, Report
 from ._state import preserved_global_state, reseed
@@ -135,11 +134,9 @@ def verify_module(
     if module_is_lazy(model):
         raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
     checked, skipped = select_parameters(model, patterns)
-    if patterns is not None:
-        names = [n for n, _ in model.named_parameters(remove_duplicate=False)]  # tied parameters: every alias
-        for p in patterns:
-            if not any(fnmatch.fnmatchcase(n, p) for n in names):
-                raise InvalidArgumentError(f"{_CALL}: params={p!r} matches no parameter; names are {names[:10]}.")
+    for p in unmatched_patterns(model, patterns):
+        names = [n for n, _ in model.named_parameters()]
+        raise InvalidArgumentError(f"{_CALL}: params={p!r} matches no parameter; names are {names[:10]}.")
     if not checked and not inputs:
         raise InvalidArgumentError(
             f"{_CALL}: the model has no trainable floating parameters to check "

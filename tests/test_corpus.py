@@ -1,7 +1,6 @@
 """Verdicts on the corpus: every planted bug fails, every correct model passes, nothing changes."""
 
 import pytest
-import torch
 from corpus import BUGS, CORRECT
 from helpers import assert_unchanged, snapshot
 

@@ -53,7 +53,8 @@ def test_directional_cost_does_not_grow_with_tensor_size():
     small, big = _mlp(16), _mlp(512)
     r_small = verify_module(*small, mode="directional")
     r_big = verify_module(*big, mode="directional")
-    assert r_small.passed and r_big.passed
+    assert r_small.passed
+    assert r_big.passed
     assert r_big.evaluations == r_small.evaluations  # 18 noise + 32 probe evaluations per tensor, any size
 
 

@@ -134,7 +134,8 @@ def test_engines_give_the_same_verdict(bug):
     batch = (torch.randn(6, 8), torch.randn(6, 2))
     loop = verify_module(model, F.mse_loss, batch, engine="loop", mode="full")
     vmap = verify_module(model, F.mse_loss, batch, engine="vmap", mode="full")
-    assert vmap.engine == "vmap" and loop.engine == "loop"
+    assert vmap.engine == "vmap"
+    assert loop.engine == "loop"
     assert loop.passed == vmap.passed == (not bug)
     assert [r.status for r in loop.results] == [r.status for r in vmap.results]
     for a, b in zip(loop.results, vmap.results):
@@ -146,6 +147,7 @@ def test_float32_model_is_checked_in_float64_by_default_and_restored():
     model.float()
     before = snapshot(model)
     report = verify_module(model, loss_fn, batch)
-    assert report.passed and report.options["dtype"] == "float64"
+    assert report.passed
+    assert report.options["dtype"] == "float64"
     assert report.results[0].worst[0].tolerance < 1e-6  # float64 sharpness, not float32's
     assert_unchanged(before, model)

@@ -47,6 +47,7 @@ _WHERE = {
 }
 
 if TYPE_CHECKING:
+    from ._distributed import verify_distributed
     from ._errors import (
         GradcheckWarning,
         GradientMismatchError,
@@ -54,10 +55,9 @@ if TYPE_CHECKING:
         InvalidArgumentTypeError,
         TorchGradcheckError,
     )
-    from ._distributed import verify_distributed
     from ._function import verify_function
-    from ._plot import plot_step_sweep
     from ._localise import Localisation, SiteVerdict
+    from ._plot import plot_step_sweep
     from ._report import ElementResult, ParameterResult, Report
     from ._verify import verify_module
 

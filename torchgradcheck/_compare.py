@@ -61,7 +61,9 @@ DTYPE_DEFAULTS: dict[torch.dtype, DtypeDefaults] = {
 }
 
 
-def first_tolerance(numerical: torch.Tensor, span: torch.Tensor, sigma: float, rtol: float, atol: float) -> torch.Tensor:
+def first_tolerance(
+    numerical: torch.Tensor, span: torch.Tensor, sigma: float, rtol: float, atol: float
+) -> torch.Tensor:
     """Per-element tolerance of the first pass (see the module docstring)."""
     return atol + rtol * numerical.abs() + NOISE_SIGMAS * math.sqrt(2.0) * sigma / span
 

@@ -50,6 +50,7 @@ def demo_cases() -> list[tuple[str, nn.Module, nn.Module, tuple[torch.Tensor, to
     x = 2 * torch.randn(64, 16, generator=gen)
     y = torch.randint(0, 4, (64,), generator=gen)
     return [
-        ("a correct MLP with a hand-written SiLU backward, dropout on", _model(False), nn.CrossEntropyLoss(), (x, y), True),
+        ("a correct MLP with a hand-written SiLU backward, dropout on", _model(False), nn.CrossEntropyLoss(), (x, y),
+         True),
         ("the same MLP whose SiLU backward is wrong for x > 2", _model(True), nn.CrossEntropyLoss(), (x, y), False),
     ]

@@ -34,7 +34,7 @@ from ._engines import Engine, LoopEngine, VmapEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._noise import NOISE_POINTS, unit_roundoff
 from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
-from ._params import Lent, Target, lend_model, select_parameters, unmatched_patterns
+from ._params import Lent, Target, dense_grad, lend_model, select_parameters, unmatched_patterns
 from ._progress import progress_bar
 from ._report import ParameterResult, Report
 from ._state import preserved_global_state, reseed
@@ -96,14 +96,6 @@ def agree_on_errors(message: str | None, group: Any) -> None:
     dist.all_gather_object(messages, message, group=group)
     first = next((r, m) for r, m in enumerate(messages) if m is not None)
     raise RankError(f"{CALL}: on rank {first[0]}: {first[1]}")
-
-
-def dense_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
-    if grad is None:
-        return None
-    if grad.is_sparse:
-        grad = grad.to_dense()
-    return grad.detach().to(torch.float64).reshape(-1).clone()
 
 
 def analytical(lent: Lent, objective: Objective, targets: list[Target],
@@ -190,8 +182,7 @@ def run_split(lent: Lent, objective: Objective, targets: list[Target], settings:
                                   1e4 * unit_roundoff(targets[0].tensor.dtype if targets else torch.float64)
                                   * abs(float(loss0)), notes, tick)
     try:
-        twice = (loop.loss(), loop.loss())
-        nondet = abs(float(twice[0]) - float(twice[1]))
+        _, nondet = loop.loss_twice()
         offset = 1
         for k, t in enumerate(targets):
             n = t.tensor.numel()

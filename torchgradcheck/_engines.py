@@ -59,6 +59,15 @@ class Engine:
             self.evaluations += 1
             return torch.as_tensor(self.objective(self.lent.model)).detach().to(torch.float64)
 
+    def loss_twice(self) -> tuple[torch.Tensor, float]:
+        """The unperturbed loss and how much a second identical evaluation differs from it.
+
+        Anything but 0 means a random source outside torch's RNG (atomics, numpy, ...): the checks
+        widen their noise floor by it and the report says so.
+        """
+        first, second = self.loss(), self.loss()
+        return first, abs(float(first) - float(second))
+
     def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 

@@ -63,7 +63,9 @@ class SecondLook:
     wide: torch.Tensor  # central difference with step 2h
 
 
-def second_look(engine: Engine, target: Target, first: FirstPass, where: torch.Tensor, loss0: torch.Tensor) -> SecondLook:
+def second_look(
+    engine: Engine, target: Target, first: FirstPass, where: torch.Tensor, loss0: torch.Tensor
+) -> SecondLook:
     """Evaluate ``t +- 2h`` for the elements ``first.index[where]``."""
     index = first.index[where]
     base = target.flat[index]

@@ -462,8 +462,7 @@ def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], p
         for k, v in cotangents.items():
             objective = Objective(None, None, _objective(k, v))
             loop = LoopEngine(lent, objective, seed, tick)
-            twice = (loop.loss(), loop.loss())
-            nondet = abs(float(twice[0]) - float(twice[1]))
+            _, nondet = loop.loss_twice()
             if nondet > 0:
                 notes.append(f"the forward of {ex.output(k)} is nondeterministic: two identical evaluations "
                              f"differ by {nondet:.2e}; tolerances widened by this noise")

@@ -54,7 +54,9 @@ class TensorJob:
         return cheap if mode == "auto" else (2 * min(SAMPLED, self.numel) if mode == "sampled" else 2 * DIRECTIONS)
 
 
-def measure_noise(engine: Engine, job: TensorJob, loss0: torch.Tensor, floor: float, generator: torch.Generator) -> None:
+def measure_noise(
+    engine: Engine, job: TensorJob, loss0: torch.Tensor, floor: float, generator: torch.Generator
+) -> None:
     """Noise level of the loss for this tensor; timing it also prices one evaluation for the plan."""
     start = time.perf_counter()
     job.sigma = noise_level(engine, job.target, loss0, floor, generator)

@@ -167,3 +167,12 @@ def unmatched_patterns(model: nn.Module, patterns: Sequence[str] | None) -> list
     """The `patterns` that match no parameter name (every alias of a tied parameter counts)."""
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     return [p for p in patterns or () if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+
+
+def dense_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """A gradient as a flat float64 copy (sparse COO gradients densified); None stays None."""
+    if grad is None:
+        return None
+    if grad.is_sparse:
+        grad = grad.to_dense()
+    return grad.detach().to(torch.float64).reshape(-1).clone()

@@ -21,7 +21,6 @@ across ranks; a divergence fails the tensor with status "diverged".
 from __future__ import annotations
 
 import dataclasses
-
 import fnmatch
 import math
 from collections.abc import Mapping
@@ -246,8 +245,7 @@ def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placem
                      f"{', '.join(sharded)}; every other tensor replicated (perturbed on all ranks at once, "
                      "checked identical)")
     engine = LockstepEngine(lent, objective, seed, tick, group=group)
-    twice = (engine.loss(), engine.loss())
-    nondet = abs(float(twice[0]) - float(twice[1]))
+    _, nondet = engine.loss_twice()
 
     local: list[ParameterResult | None] = []
     gaps: list[tuple[float, float]] = []  # replicated tensors: spread of the gradient across ranks, and its bound

@@ -150,7 +150,8 @@ class Report:
         tensors = [r for r in self.results if r.status != "skipped"]
         if self.passed:
             return (
-                f"{self.call}: OK, {len(tensors)} tensor{'' if len(tensors) == 1 else 's'} ({checked:,} elements) agree "
+                f"{self.call}: OK, {len(tensors)} tensor{'' if len(tensors) == 1 else 's'} "
+                f"({checked:,} elements) agree "
                 f"(relative error {_fmt(self.relative_error)})"
             )
         return (
@@ -210,7 +211,9 @@ class Report:
         if self.localisation is not None:
             parts.append(str(self.localisation))
         parts += [*self.details(), *(f"  note: {n}" for n in self.notes)]
-        parts.append(f"Checked with: {opts} engine={self.engine}; {self.evaluations:,} evaluations in {self.seconds:.2f} s")
+        parts.append(
+            f"Checked with: {opts} engine={self.engine}; {self.evaluations:,} evaluations in {self.seconds:.2f} s"
+        )
         if not self.passed:
             parts.append(_CAUSES)
         return "\n".join(parts)

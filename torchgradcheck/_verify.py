@@ -18,7 +18,7 @@ from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._modes import MODES, TensorJob, check_tensor, measure_noise, plan
 from ._noise import NOISE_POINTS, unit_roundoff
 from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
-from ._params import Lent, Target, lend_model, select_parameters, unmatched_patterns
+from ._params import Lent, Target, dense_grad, lend_model, select_parameters, unmatched_patterns
 from ._progress import progress_bar
 from ._report import ParameterResult, Report
 from ._state import preserved_global_state, reseed
@@ -30,14 +30,6 @@ _CALL = "verify_module(model, loss_fn, batch)"
 _DTYPE_ERROR = re.compile(r"(?i)double|float64|dtype|scalar type")
 _OPTIONS = ("forward", "params", "inputs", "mode", "budget", "eps", "rtol", "atol", "dtype", "seed", "engine",
             "progress", "localise")
-
-
-def _dense_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
-    if grad is None:
-        return None
-    if grad.is_sparse:
-        grad = grad.to_dense()
-    return grad.detach().to(torch.float64).reshape(-1).clone()
 
 
 def _vmap_agrees(engine: VmapEngine, target: Target, loss0: torch.Tensor, slack: float) -> str | None:
@@ -161,7 +153,9 @@ def verify_module(
     return report
 
 
-def _analytical(lent: Lent, objective: Objective, targets: list[Target], seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+def _analytical(
+    lent: Lent, objective: Objective, targets: list[Target], seed: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     for t in targets:
         if t.kind == "input":
             t.tensor.requires_grad_(True)
@@ -187,7 +181,7 @@ def _analytical(lent: Lent, objective: Objective, targets: list[Target], seed: i
             f"{str(exc).splitlines()[0][:200]}); its own dtype is {sorted(map(str, own))}. If its kernels "
             "only run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
         ) from exc
-    grads = {t.name: _dense_grad(t.param.grad if t.param is not None else None) for t in targets}
+    grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
     lent.clear_grads()
     for t in targets:
         if t.kind == "input":
@@ -222,8 +216,7 @@ def _choose_engine(lent: Lent, objective: Objective, seed: int, tick: Callable[[
                    targets: list[Target], notes: list[str]) -> tuple[_Engines, float]:
     """Pick the engine; also evaluates the unperturbed loss twice to detect nondeterminism."""
     loop = LoopEngine(lent, objective, seed, tick)
-    twice = (loop.loss(), loop.loss())
-    nondet = abs(float(twice[0]) - float(twice[1]))
+    loss_again, nondet = loop.loss_twice()
     if nondet > 0:
         notes.append(
             f"the forward is nondeterministic beyond torch's RNG: two identical evaluations differ by "
@@ -231,9 +224,9 @@ def _choose_engine(lent: Lent, objective: Objective, seed: int, tick: Callable[[
         )
     engine: Engine = loop
     if name in ("auto", "vmap") and targets:
-        slack = 1e4 * unit_roundoff(targets[0].tensor.dtype) * abs(float(twice[0])) + 10 * nondet
+        slack = 1e4 * unit_roundoff(targets[0].tensor.dtype) * abs(float(loss_again)) + 10 * nondet
         vm = VmapEngine(lent, objective, seed, tick)
-        why = _vmap_agrees(vm, targets[0], twice[0], slack)
+        why = _vmap_agrees(vm, targets[0], loss_again, slack)
         if why is None:
             engine = vm
         elif name == "vmap":

@@ -9,6 +9,7 @@ the failures -> a `ParameterResult` (`_report`). `measure` checks every element,
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -54,10 +55,13 @@ def noise_level(engine: Engine, target: Target, loss0: torch.Tensor, floor: floa
 
 def measure(engine: Engine, target: Target, analytical: torch.Tensor, loss0: torch.Tensor, floor: float,
             settings: Settings, generator: torch.Generator, *, index: torch.Tensor | None = None,
-            sigma: float | None = None) -> TensorCheck:
+            sigma: float | None = None,
+            agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TensorCheck:
     """Numerical gradient at the elements `index` (default all) of `target`, judged against `analytical`.
 
-    `analytical` is the flat float64 gradient of the whole tensor; `sigma` the noise level if already known.
+    `analytical` is the flat float64 gradient of the whole tensor; `sigma` the noise level if already
+    known; `agree` merges the first pass's failure mask across processes (so that every rank of a
+    distributed check takes the same second look, in lockstep).
     """
     if sigma is None:
         sigma = noise_level(engine, target, loss0, floor, generator)
@@ -69,6 +73,8 @@ def measure(engine: Engine, target: Target, analytical: torch.Tensor, loss0: tor
     numerical = first.derivative
     tolerance = first_tolerance(numerical, first.span, sigma, settings.rtol, settings.atol)
     bad = ~((a - numerical).abs() <= tolerance)  # NaN counts as bad
+    if agree is not None:
+        bad = agree(bad)
     kink = torch.zeros_like(bad)
     if bool(bad.any()):
         where = bad.nonzero().flatten()

@@ -31,7 +31,6 @@ import torch.distributed as dist
 
 from ._batch import Objective, input_targets
 from ._check import Settings, TensorCheck, measure, noise_level, summarise
-from ._compare import first_tolerance, judge_second_look
 from ._distributed import (
     CALL,
     PLACEMENTS,
@@ -47,7 +46,6 @@ from ._distributed import (
 )
 from ._engines import LoopEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
-from ._finite_diff import first_pass, second_look
 from ._params import Lent, Target
 from ._report import ParameterResult
 
@@ -156,21 +154,12 @@ def measure_agreed(engine: LockstepEngine, target: Target, analytical: torch.Ten
     divergence the check reports), so the elements that failed the first pass on ANY rank get the
     second look on every rank: all ranks keep evaluating the same points in the same order.
     """
-    index = torch.arange(target.tensor.numel(), device=target.tensor.device)
-    first = first_pass(engine, target, index, settings.eps)
-    numerical = first.derivative
-    tolerance = first_tolerance(numerical, first.span, sigma, settings.rtol, settings.atol)
-    bad = ~((analytical - numerical).abs() <= tolerance)
-    bad = reduced(bad.to(torch.float64), dist.ReduceOp.MAX, engine.group).to(bad.device) > 0
-    kink = torch.zeros_like(bad)
-    if bool(bad.any()):
-        where = bad.nonzero().flatten()
-        look = second_look(engine, target, first, where, loss0)
-        j = judge_second_look(analytical[where], numerical[where], first.h[where], first.span[where], look.values,
-                              look.wide, sigma, settings.rtol, settings.atol)
-        numerical, tolerance = numerical.clone(), tolerance.clone()
-        numerical[where], tolerance[where], kink[where] = j.numerical, j.tolerance, j.kink
-    return TensorCheck(analytical, numerical, tolerance, kink, sigma)
+
+    def any_rank(bad: torch.Tensor) -> torch.Tensor:
+        return reduced(bad.to(torch.float64), dist.ReduceOp.MAX, engine.group).to(bad.device) > 0
+
+    unused = torch.Generator()  # sigma is given: measure draws no noise directions
+    return measure(engine, target, analytical, loss0, 0.0, settings, unused, sigma=sigma, agree=any_rank)
 
 
 def _check_replicated(t: Target, group: Any) -> None:

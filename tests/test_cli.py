@@ -243,3 +243,21 @@ def test_cli_check_repeated_params(cases, capsys):
     code, out, _ = _run(["check", f"{cases}:good", "--json", "--params", "fc.bias", "--params", "fc.w*"], capsys)
     assert code == 0
     assert {r["name"]: r["status"] for r in json.loads(out)["results"]} == {"fc.weight": "ok", "fc.bias": "ok"}
+
+
+def test_cli_check_factory_dict_options_and_command_line_options_combine(tmp_path, capsys):
+    """A factory's dict may set options (atol=...); the command line overrides only what it names."""
+    path = tmp_path / "made.py"
+    path.write_text(
+        "import torch\n"
+        "from torch import nn\n"
+        "def make():\n"
+        "    torch.manual_seed(0)\n"
+        "    return dict(model=nn.Linear(3, 2), loss_fn=nn.MSELoss(),\n"
+        "                batch=(torch.randn(4, 3), torch.randn(4, 2)), atol=1e-12, mode='full')\n"
+    )
+    from torchgradcheck.cli import main
+
+    assert main(["check", f"{path}:make", "--json", "--seed", "3"]) == 0
+    options = json.loads(capsys.readouterr().out)["options"]
+    assert (options["atol"], options["mode"], options["seed"]) == (1e-12, "full", 3)

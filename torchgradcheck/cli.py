@@ -27,11 +27,11 @@ class _UsageError(Exception):
 
 def _add_check_options(p: argparse.ArgumentParser) -> None:
     """Options shared by the subcommands (and mirrored by the pytest plugin's --gradcheck-*)."""
-    p.add_argument("--engine", choices=["auto", "vmap", "loop"], default="auto", help="evaluation engine")
-    p.add_argument("--seed", type=int, default=0, help="RNG seed set before every evaluation")
-    p.add_argument("--eps", type=float, default=None, help="relative finite-difference step")
-    p.add_argument("--rtol", type=float, default=None, help="relative floor of the tolerance")
-    p.add_argument("--atol", type=float, default=0.0, help="absolute floor of the tolerance")
+    p.add_argument("--engine", choices=["auto", "vmap", "loop"], default=None, help="evaluation engine (auto)")
+    p.add_argument("--seed", type=int, default=None, help="RNG seed set before every evaluation (0)")
+    p.add_argument("--eps", type=float, default=None, help="relative finite-difference step (per dtype)")
+    p.add_argument("--rtol", type=float, default=None, help="relative floor of the tolerance (per dtype)")
+    p.add_argument("--atol", type=float, default=None, help="absolute floor of the tolerance (0)")
     p.add_argument("--mode", choices=["auto", "full", "directional", "sampled"], default=None,
                    help="what to check: every element (full), random directions, sampled elements, or auto (default)")
     p.add_argument("--params", action="append", metavar="PATTERN", default=None,
@@ -46,9 +46,9 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
-    options = {"engine": args.engine, "seed": args.seed, "eps": args.eps, "rtol": args.rtol, "atol": args.atol}
-    if args.mode is not None:  # unset options keep verify_module's defaults
-        options["mode"] = args.mode
+    """The options given on the command line; unset ones keep verify_module's (or the factory's) values."""
+    options = {k: getattr(args, k) for k in ("engine", "seed", "eps", "rtol", "atol", "mode")
+               if getattr(args, k) is not None}
     if args.params:
         options["params"] = args.params
     if args.inputs:
@@ -146,7 +146,7 @@ def _check(args: argparse.Namespace) -> int:
                 f"got {type(made).__name__}"
             )
         try:
-            report = verify_module(*call_args, **kwargs, **_options(args))
+            report = verify_module(*call_args, **{**kwargs, **_options(args)})  # the command line wins
         except TorchGradcheckError as exc:  # a bad argument: the message says the fix
             raise _UsageError(str(exc)) from None
         except Exception:  # the model or loss raised: show where, but never exit 1 (that means "mismatch")

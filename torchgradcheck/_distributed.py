@@ -27,17 +27,18 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ._batch import BatchError, Objective, check_loss, convert_batch, input_targets, module_is_lazy
+from . import _verify
+from ._batch import BatchError, Objective, convert_batch, input_targets, module_is_lazy
 from ._check import Settings, TensorCheck, measure, summarise
 from ._compare import relative_error
 from ._engines import Engine, LoopEngine, VmapEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._noise import NOISE_POINTS, unit_roundoff
 from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
-from ._params import Lent, Target, dense_grad, lend_model, select_parameters, unmatched_patterns
+from ._params import Lent, Target, lend_model, select_parameters, unmatched_patterns
 from ._progress import progress_bar
 from ._report import ParameterResult, Report
-from ._state import preserved_global_state, reseed
+from ._state import preserved_global_state
 
 __all__ = ["PLACEMENTS", "verify_distributed"]
 
@@ -100,30 +101,8 @@ def agree_on_errors(message: str | None, group: Any) -> None:
 
 def analytical(lent: Lent, objective: Objective, targets: list[Target],
                seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
-    """One forward and ``loss.backward()`` (collectives included): the loss and every target's ``.grad``."""
-    for t in targets:
-        if t.kind == "input":
-            t.tensor.requires_grad_(True)
-    torch.set_grad_enabled(True)
-    lent.reset_buffers()
-    reseed(seed)
-    try:
-        loss = check_loss(objective(lent.model))
-    except BatchError as exc:
-        raise InvalidArgumentError(f"{CALL}: {exc}.") from None
-    if not loss.requires_grad:
-        raise InvalidArgumentError(
-            f"{CALL}: the loss does not require grad: nothing connects it to the checked tensors."
-        )
-    loss.backward()
-    grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
-    lent.clear_grads()
-    for t in targets:
-        if t.kind == "input":
-            t.tensor.requires_grad_(False)
-            t.tensor.grad = None
-    torch.set_grad_enabled(False)
-    return loss.detach().to(torch.float64), grads
+    """`_verify.analytical` (collectives included in the forward and backward), errors naming this call."""
+    return _verify.analytical(lent, objective, targets, seed, CALL)
 
 
 def target_generator(seed: int, k: int) -> torch.Generator:

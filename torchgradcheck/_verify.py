@@ -153,9 +153,13 @@ def verify_module(
     return report
 
 
-def _analytical(
-    lent: Lent, objective: Objective, targets: list[Target], seed: int
+def analytical(
+    lent: Lent, objective: Objective, targets: list[Target], seed: int, call: str = _CALL
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """One seeded forward and ``loss.backward()``: the loss and every target's ``.grad`` (flat float64).
+
+    The errors name `call`; a kernel that rejects the checking dtype gets an error naming dtype=None.
+    """
     for t in targets:
         if t.kind == "input":
             t.tensor.requires_grad_(True)
@@ -166,18 +170,18 @@ def _analytical(
         loss = check_loss(objective(lent.model))
         if not loss.requires_grad:
             raise InvalidArgumentError(
-                f"{_CALL}: the loss does not require grad: nothing connects it to the checked parameters "
+                f"{call}: the loss does not require grad: nothing connects it to the checked parameters "
                 "(computed under torch.no_grad(), or detached?)."
             )
         loss.backward()
     except BatchError as exc:
-        raise InvalidArgumentError(f"{_CALL}: {exc}.") from None
+        raise InvalidArgumentError(f"{call}: {exc}.") from None
     except (RuntimeError, TypeError, NotImplementedError) as exc:
         own = {s.data.dtype for s in lent.saved_params if s.data.is_floating_point()}
         if lent.dtype is None or own <= {lent.dtype} or not _DTYPE_ERROR.search(str(exc)):
             raise  # the model's own error (a shape bug, ...), not our conversion: let it through untouched
         raise InvalidArgumentError(
-            f"{_CALL}: the model failed when run in {lent.dtype} ({type(exc).__name__}: "
+            f"{call}: the model failed when run in {lent.dtype} ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0][:200]}); its own dtype is {sorted(map(str, own))}. If its kernels "
             "only run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
         ) from exc
@@ -246,7 +250,7 @@ def _run(lent: Lent, objective: Objective, checked: list[tuple[str, nn.Parameter
         targets += input_targets(objective.batch)
     work_dtype = targets[0].tensor.dtype if targets else torch.float64
     eps_, rtol_ = resolve_tolerances(dtype or work_dtype, eps, rtol)
-    loss0, grads = _analytical(lent, objective, targets, seed)
+    loss0, grads = analytical(lent, objective, targets, seed)
     notes: list[str] = []
     jobs = []
     for t in targets:

@@ -27,7 +27,7 @@ from torch.autograd.function import once_differentiable
 
 from ._check import Settings, TensorCheck, summarise
 from ._compare import first_tolerance, judge_second_look
-from ._noise import NOISE_POINTS, unit_roundoff
+from ._noise import NOISE_POINTS, noise_per_column, unit_roundoff
 from ._params import Target
 from ._report import ParameterResult
 
@@ -47,9 +47,6 @@ __all__ = [
 
 DTYPE = torch.float64
 _ONCE_CODE = once_differentiable(lambda ctx: None).__code__
-_ORDERS = (3, 4, 5, 6)
-
-
 @dataclass
 class Extras:
     """What the extra checks need from the first-order check."""
@@ -191,18 +188,6 @@ def _dt(dtype: torch.dtype) -> str:
 # ------------------------------------------------------------------------------------- forward mode
 
 
-def _noise_per_element(values: torch.Tensor) -> torch.Tensor:
-    """ECNoise (see `_noise`) for each column of `values` (points x elements)."""
-    diffs = values.to(DTYPE)
-    best = torch.zeros(values.shape[1], dtype=DTYPE, device=values.device)
-    for k in range(1, max(_ORDERS) + 1):
-        diffs = diffs[1:] - diffs[:-1]
-        if k in _ORDERS:
-            gamma = math.factorial(k) ** 2 / math.factorial(2 * k)
-            best = torch.maximum(best, torch.sqrt(gamma * (diffs**2).mean(0)))
-    return best
-
-
 def _defines_no_jvp(fn: Any) -> str | None:
     cls = getattr(fn, "__self__", None)
     if isinstance(cls, type) and issubclass(cls, torch.autograd.Function) and cls.jvp is torch.autograd.Function.jvp:
@@ -252,7 +237,7 @@ def judge_directional(ex: Extras, problem: Directional) -> list[ParameterResult]
     noise = [at(j * noise_step) for j in range(-(NOISE_POINTS // 2), NOISE_POINTS // 2 + 1)]
     rows = []
     for key, a in problem.analytical.items():
-        sigma = torch.maximum(_noise_per_element(torch.stack([p[key] for p in noise])),
+        sigma = torch.maximum(noise_per_column(torch.stack([p[key] for p in noise])),
                               unit_roundoff(DTYPE) * center[key].abs())
         span = torch.full_like(a, 2 * h)
         numerical = (steps[1][key] - steps[-1][key]) / span

@@ -19,7 +19,7 @@ import torch
 from ._engines import Engine
 from ._params import Target
 
-__all__ = ["NOISE_POINTS", "estimate_noise", "noise_from_samples", "unit_roundoff"]
+__all__ = ["NOISE_POINTS", "estimate_noise", "noise_from_samples", "noise_per_column", "unit_roundoff"]
 
 NOISE_POINTS = 18  # evaluations per target tensor: two runs of 9
 _ORDERS = (3, 4, 5, 6)  # difference orders that see noise only
@@ -29,16 +29,21 @@ def unit_roundoff(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) / 2
 
 
-def noise_from_samples(values: torch.Tensor) -> float:
-    """The ECNoise estimate of the noise standard deviation from equally spaced samples."""
+def noise_per_column(values: torch.Tensor) -> torch.Tensor:
+    """The ECNoise estimate for each column of `values` (equally spaced points x series)."""
     diffs = values.to(torch.float64)
-    estimates = []
+    best = torch.zeros(values.shape[1:], dtype=torch.float64, device=values.device)
     for k in range(1, max(_ORDERS) + 1):
         diffs = diffs[1:] - diffs[:-1]
-        if k in _ORDERS and diffs.numel() > 0:
+        if k in _ORDERS and diffs.shape[0] > 0:
             gamma = math.factorial(k) ** 2 / math.factorial(2 * k)
-            estimates.append(math.sqrt(gamma * float((diffs**2).mean())))
-    return max(estimates) if estimates else 0.0
+            best = torch.maximum(best, torch.sqrt(gamma * (diffs**2).mean(0)))
+    return best
+
+
+def noise_from_samples(values: torch.Tensor) -> float:
+    """The ECNoise estimate of the noise standard deviation from equally spaced samples."""
+    return float(noise_per_column(values.reshape(-1, 1))[0])
 
 
 def estimate_noise(engine: Engine, target: Target, generator: torch.Generator) -> float:

@@ -409,3 +409,15 @@ def test_report_to_dict_with_localisation_is_json():
     assert data["passed"] is False
     assert data["localisation"]["first_wrong"] == "0"
     assert data["localisation"]["module_type"] == "HandLinear"
+
+
+def test_report_repr_fits_pytest_assertion_messages():
+    """pytest shows `assert report.passed, report` through a 240-character repr: verdict and worst element first."""
+    import corpus
+
+    torch.manual_seed(0)
+    report = verify_module(*corpus.one_element_wrong(), localise=False)
+    text = repr(report)
+    assert len(text) <= 240
+    assert text.startswith("<Report verify_module: FAILED")
+    assert "worst 0.weight[3, 7]" in text

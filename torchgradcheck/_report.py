@@ -95,7 +95,7 @@ class ParameterResult:
         return len(self.not_differentiable)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, repr=False)
 class Report:
     """Everything a check found. ``str(report)`` is a table; ``report.assert_passed()`` raises on failure."""
 
@@ -144,6 +144,18 @@ class Report:
         __tracebackhide__ = True
         if not self.passed:
             raise GradientMismatchError(str(self), report=self)
+
+    def __repr__(self) -> str:
+        """Short enough for pytest's assertion messages (cut at 240 characters): verdict and worst element."""
+        worst = [(r.worst[0].score, r.name, r.worst[0]) for r in self.failures if r.worst]
+        where = ""
+        if worst:
+            _, name, w = max(worst, key=lambda t: t[0])
+            where = (f"; worst {element_name(name, w.index)}: numerical {_num(w.numerical)}, "
+                     f"autograd {_num(w.analytical)}")
+        first = getattr(self.localisation, "first_wrong", None)
+        blame = f"; first wrong backward: {first}" if first else ""
+        return f"<Report {self.headline()}{where}{blame}>"
 
     def headline(self) -> str:
         checked = sum(r.checked for r in self.results)

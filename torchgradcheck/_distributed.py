@@ -28,14 +28,14 @@ import torch.distributed as dist
 from torch import nn
 
 from . import _verify
-from ._batch import BatchError, Objective, convert_batch, input_targets, module_is_lazy
+from ._batch import Objective, input_targets
 from ._check import Settings, TensorCheck, measure, summarise
 from ._compare import relative_error
 from ._engines import Engine, LoopEngine, VmapEngine
-from ._errors import InvalidArgumentError, InvalidArgumentTypeError
+from ._errors import InvalidArgumentError
 from ._noise import NOISE_POINTS, unit_roundoff
 from ._options import reject_unknown, resolve_tolerances, validate_common, validate_patterns
-from ._params import Lent, Target, lend_model, select_parameters, unmatched_patterns
+from ._params import Lent, Target, lend_model
 from ._progress import progress_bar
 from ._report import ParameterResult, Report
 from ._state import preserved_global_state
@@ -287,17 +287,7 @@ def verify_distributed(
             f"{CALL}: no torch.distributed process group is initialised; launch with torchrun and call "
             "torch.distributed.init_process_group() first (or use verify_module on one process)."
         )
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentTypeError(f"{CALL}: expected a torch.nn.Module but got model={model!r} "
-                                       f"(type={type(model).__name__}).")
-    if forward is None and not callable(loss_fn):
-        raise InvalidArgumentTypeError(f"{CALL}: loss_fn must be callable (e.g. nn.MSELoss()) but got {loss_fn!r}; "
-                                       "or pass forward=lambda model, batch: <loss>.")
-    if forward is not None and not callable(forward):
-        raise InvalidArgumentTypeError(f"{CALL}: forward= must be a callable (model, batch) -> loss, got {forward!r}.")
-    for name, flag in (("inputs", inputs), ("split", split)):
-        if not isinstance(flag, bool):
-            raise InvalidArgumentTypeError(f"{CALL}: {name}= must be True or False, got {flag!r}.")
+    _verify.check_module_call(CALL, model, loss_fn, forward, inputs=inputs, split=split)
     validate_common("verify_distributed", eps=eps, rtol=rtol, atol=atol, dtype=dtype, seed=seed, engine=engine)
     patterns = validate_patterns("verify_distributed", params)
     # Only a model built after DDP was imported can be one (the import is slow: don't make it ourselves).
@@ -318,20 +308,7 @@ def verify_distributed(
     if not split and engine == "vmap":
         raise InvalidArgumentError(f"{CALL}: engine='vmap' needs split=True: a distributed model runs every "
                                    "forward on every rank in lockstep, one at a time (use engine='auto').")
-    if module_is_lazy(model):
-        raise InvalidArgumentError(f"{CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
-    checked, skipped = select_parameters(model, patterns)
-    for p in unmatched_patterns(model, patterns):
-        names = [n for n, _ in model.named_parameters()]
-        raise InvalidArgumentError(f"{CALL}: params={p!r} matches no parameter; names are {names[:10]}.")
-    if not checked and not inputs:
-        raise InvalidArgumentError(
-            f"{CALL}: the model has no trainable floating parameters to check; pass inputs=True."
-        )
-    try:
-        objective = Objective(loss_fn, convert_batch(batch, dtype), forward)
-    except BatchError as exc:
-        raise InvalidArgumentError(f"{CALL}: {exc}; fix the batch, or pass forward=.") from None
+    checked, skipped, objective = _verify.prepare(CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
     with preserved_global_state(), lend_model(model, dtype) as lent:
         if dtype == torch.float64:
             torch.set_default_dtype(torch.float64)

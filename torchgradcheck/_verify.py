@@ -102,43 +102,14 @@ def verify_module(
     """
     start = time.perf_counter()
     reject_unknown("verify_module", unknown, _OPTIONS)
-    if not isinstance(model, nn.Module):
-        raise InvalidArgumentTypeError(
-            f"{_CALL}: expected a torch.nn.Module but got model={model!r} (type={type(model).__name__}); "
-            "to check a plain function use verify_function."
-        )
-    if forward is None:
-        if not callable(loss_fn):
-            raise InvalidArgumentTypeError(
-                f"{_CALL}: loss_fn must be callable (e.g. nn.MSELoss()) but got loss_fn={loss_fn!r}; "
-                "or pass forward=lambda model, batch: <loss>."
-            )
-    elif not callable(forward):
-        raise InvalidArgumentTypeError(f"{_CALL}: forward= must be a callable (model, batch) -> loss, got {forward!r}.")
-    if not isinstance(inputs, bool):
-        raise InvalidArgumentTypeError(f"{_CALL}: inputs= must be True or False, got {inputs!r}.")
+    check_module_call(_CALL, model, loss_fn, forward, inputs=inputs)
     validate_common("verify_module", eps=eps, rtol=rtol, atol=atol, dtype=dtype, seed=seed, engine=engine)
     patterns = validate_patterns("verify_module", params)
     if mode not in MODES:
         raise InvalidArgumentError(f"{_CALL}: unknown mode={mode!r}; valid options are {list(MODES)}.")
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
         raise InvalidArgumentError(f"{_CALL}: budget={budget!r} must be a number of seconds > 0.")
-    if module_is_lazy(model):
-        raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
-    checked, skipped = select_parameters(model, patterns)
-    for p in unmatched_patterns(model, patterns):
-        names = [n for n, _ in model.named_parameters()]
-        raise InvalidArgumentError(f"{_CALL}: params={p!r} matches no parameter; names are {names[:10]}.")
-    if not checked and not inputs:
-        raise InvalidArgumentError(
-            f"{_CALL}: the model has no trainable floating parameters to check "
-            f"(skipped: {skipped or 'none'}); set requires_grad=True, or pass inputs=True."
-        )
-    try:
-        converted = convert_batch(batch, dtype)
-        objective = Objective(loss_fn, converted, forward)
-    except BatchError as exc:
-        raise InvalidArgumentError(f"{_CALL}: {exc}; fix the batch, or pass forward=.") from None
+    checked, skipped, objective = prepare(_CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
     if localise is not None and not isinstance(localise, bool):
         raise InvalidArgumentTypeError(f"{_CALL}: localise= must be True, False or None, got {localise!r}.")
     with preserved_global_state(), lend_model(model, dtype) as lent:
@@ -151,6 +122,48 @@ def verify_module(
                                     engine=engine, inputs=inputs)
         report = dataclasses.replace(report, localisation=found, seconds=time.perf_counter() - start)
     return report
+
+
+def check_module_call(call: str, model: Any, loss_fn: Any, forward: Any, **flags: Any) -> None:
+    """The model, loss_fn/forward and boolean flags of a verify_* call on a module; errors name `call`."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentTypeError(
+            f"{call}: expected a torch.nn.Module but got model={model!r} (type={type(model).__name__}); "
+            "to check a plain function use verify_function."
+        )
+    if forward is None:
+        if not callable(loss_fn):
+            raise InvalidArgumentTypeError(
+                f"{call}: loss_fn must be callable (e.g. nn.MSELoss()) but got loss_fn={loss_fn!r}; "
+                "or pass forward=lambda model, batch: <loss>."
+            )
+    elif not callable(forward):
+        raise InvalidArgumentTypeError(f"{call}: forward= must be a callable (model, batch) -> loss, got {forward!r}.")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise InvalidArgumentTypeError(f"{call}: {name}= must be True or False, got {flag!r}.")
+
+
+def prepare(call: str, model: nn.Module, loss_fn: Any, batch: Any, forward: Any, patterns: Sequence[str] | None,
+            inputs: bool, dtype: torch.dtype | None
+            ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, str]], Objective]:
+    """The parameters to check (and the skipped ones), and the objective on a converted copy of the batch."""
+    if module_is_lazy(model):
+        raise InvalidArgumentError(f"{call}: the model has uninitialized (lazy) parameters; run one forward first.")
+    checked, skipped = select_parameters(model, patterns)
+    for p in unmatched_patterns(model, patterns):
+        names = [n for n, _ in model.named_parameters()]
+        raise InvalidArgumentError(f"{call}: params={p!r} matches no parameter; names are {names[:10]}.")
+    if not checked and not inputs:
+        raise InvalidArgumentError(
+            f"{call}: the model has no trainable floating parameters to check "
+            f"(skipped: {skipped or 'none'}); set requires_grad=True, or pass inputs=True."
+        )
+    try:
+        objective = Objective(loss_fn, convert_batch(batch, dtype), forward)
+    except BatchError as exc:
+        raise InvalidArgumentError(f"{call}: {exc}; fix the batch, or pass forward=.") from None
+    return checked, skipped, objective
 
 
 def analytical(

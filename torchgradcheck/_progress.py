@@ -7,7 +7,9 @@ import sys
 from collections.abc import Iterator
 from typing import Any
 
-__all__ = ["Progress", "progress_bar"]
+__all__ = ["DELAY", "Progress", "progress_bar"]
+
+DELAY = 1.0  # seconds before a bar is drawn: quick checks stay silent
 
 
 class Progress:
@@ -22,8 +24,7 @@ class Progress:
 
     def grow(self, n: int) -> None:
         if self.bar is not None:
-            self.bar.total += n
-            self.bar.refresh()
+            self.bar.total += n  # shown at the next update (refresh() would draw before the delay)
 
 
 @contextlib.contextmanager
@@ -36,6 +37,5 @@ def progress_bar(total: int, enabled: bool | None, desc: str) -> Iterator[Progre
         return
     from tqdm.auto import tqdm
 
-    # delay=1: nothing is drawn for checks that finish within a second.
-    with tqdm(total=total, desc=desc, unit="eval", delay=1.0, file=sys.stderr, leave=False) as bar:
+    with tqdm(total=total, desc=desc, unit="eval", delay=DELAY, file=sys.stderr, leave=False) as bar:
         yield Progress(bar)

@@ -28,6 +28,7 @@ def test_progress_bar_silent_when_off_or_not_a_terminal(progress, monkeypatch, c
     assert capsys.readouterr().err == ""
 
 
-def test_progress_bar_silent_for_quick_checks(capsys):
-    _check(progress=True)  # far under DELAY = 1 s
+def test_progress_bar_silent_for_quick_checks(monkeypatch, capsys):
+    monkeypatch.setattr(_progress, "DELAY", 60.0)  # a check quicker than the delay draws nothing
+    _check(progress=True)
     assert capsys.readouterr().err == ""

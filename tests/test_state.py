@@ -439,3 +439,26 @@ def test_verify_module_under_inference_mode_still_catches_a_bug():
         report = verify_module(model, nn.MSELoss(), (x, y), localise=False)
         assert_unchanged(before, model)
     assert [r.name for r in report.failures] == ["0.weight"]
+
+
+def test_tf32_is_off_during_a_check_and_restored_after():
+    """TF32 (10-bit mantissa float32 matmuls on CUDA) would pose as noise; the user's setting comes back."""
+    seen = []
+
+    class Spy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 1)
+
+        def forward(self, x):
+            seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32))
+            return self.fc(x)
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        verify_module(Spy(), lambda out: out.sum(), torch.randn(2, 3), engine="loop", localise=False)
+        assert set(seen) == {(False, False)}
+        assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before

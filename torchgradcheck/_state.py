@@ -22,11 +22,16 @@ def preserved_global_state() -> Iterator[None]:
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     default_dtype = torch.get_default_dtype()
     grad_enabled = torch.is_grad_enabled()
+    # TF32 rounds float32 matmuls to a 10-bit mantissa on recent GPUs: off while checking (it only
+    # affects CUDA float32, i.e. dtype=None checks), back on afterwards if the user had it on.
+    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         # Under torch.inference_mode() nothing could be recorded for the backward pass; leave it for the check.
         with torch.inference_mode(False):
             yield
     finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

@@ -211,12 +211,17 @@ class VmapEngine(Engine):
     def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         flat = target.flat
         out = torch.empty(len(index), dtype=torch.float64, device=flat.device)
-        size = self.chunk_size(target)
+        size = min(self.chunk_size(target), len(index))
+        # One buffer of unperturbed copies per call; each chunk sets its elements and puts them back,
+        # so the copies cost O(rows) per chunk instead of O(rows * numel).
+        rows = flat.expand(size, flat.numel()).clone()
+        diagonal = torch.arange(size, device=flat.device)
         for start in range(0, len(index), size):
             idx = index[start : start + size]
-            rows = flat.expand(len(idx), flat.numel()).clone()
-            rows[torch.arange(len(idx), device=flat.device), idx] = values[start : start + size].to(rows.dtype)
-            out[start : start + len(idx)] = self._batched(target, rows)
+            k = len(idx)
+            rows[diagonal[:k], idx] = values[start : start + k].to(rows.dtype)
+            out[start : start + k] = self._batched(target, rows[:k])
+            rows[diagonal[:k], idx] = flat[idx]
         return out
 
     def losses_along(self, target: Target, deltas: torch.Tensor) -> torch.Tensor:

@@ -51,8 +51,9 @@ def _entry(rank: int, world: int, init: str, out: str, engine: str, threads: int
     from torchgradcheck import verify_distributed
 
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=DEADLINE))
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=DEADLINE)
+    )
     try:
         model, loss_fn, batch = _problem(bug)
         cpu = time.thread_time()
@@ -66,8 +67,13 @@ def _entry(rank: int, world: int, init: str, out: str, engine: str, threads: int
 def sharded_check(world: int, engine: str, threads: int = 1, bug: bool = False) -> tuple[Any, float]:
     """The report of rank 0 of a `world`-rank sharded check, and the CPU seconds of the busiest rank."""
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_entry, args=(world, f"file://{tmp}/pg", tmp, engine, threads, bug), nprocs=world,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(
+            _entry,
+            args=(world, f"file://{tmp}/pg", tmp, engine, threads, bug),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
         deadline = time.monotonic() + DEADLINE
         while not ctx.join(timeout=1.0):
             if time.monotonic() > deadline:
@@ -112,9 +118,11 @@ def test_bench_split_full_check_1_vs_2_ranks(engine):
 
 def _print(engine: str, rows: list[tuple[int, float, float, int]]) -> None:
     for world, wall, cpu, busiest in rows:
-        print(f"engine={engine:5s} ranks={world}  wall {wall:6.2f} s (x{rows[0][1] / wall:.2f})  "
-              f"busiest rank CPU {cpu:6.2f} s (x{rows[0][2] / cpu:.2f})  "
-              f"{busiest:,} evaluations (x{rows[0][3] / busiest:.2f})")
+        print(
+            f"engine={engine:5s} ranks={world}  wall {wall:6.2f} s (x{rows[0][1] / wall:.2f})  "
+            f"busiest rank CPU {cpu:6.2f} s (x{rows[0][2] / cpu:.2f})  "
+            f"{busiest:,} evaluations (x{rows[0][3] / busiest:.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -91,8 +91,10 @@ def table() -> str:
     torch.set_num_threads(1)
     for case in CASES:  # untimed warm-up: torch's first vmap of an op in a process costs up to seconds
         _ours(case)
-    rows = ["| case | planted bug | verify_function | time | gradcheck | time | gradcheck fast | time |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| case | planted bug | verify_function | time | gradcheck | time | gradcheck fast | time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     right = [0, 0, 0]
     for case, (is_bug, _) in CASES.items():
         results = [_ours(case), _gradcheck(case, False), _gradcheck(case, True)]
@@ -132,16 +134,22 @@ def scaling() -> str:
     gen = torch.Generator().manual_seed(1)
     shapes = [(64, 32), (16, 32), (16,)]
     rows = ["| fn (x 64x32, w 16x32, b 16) | checker | verdict | time |", "|---|---|---|---|"]
-    for label, fn in [("Linear.apply (old-style Function)", lambda x, w, b: Linear.apply(x, w, b, None)),
-                      ("F.linear (built-in)", F.linear)]:
+    for label, fn in [
+        ("Linear.apply (old-style Function)", lambda x, w, b: Linear.apply(x, w, b, None)),
+        ("F.linear (built-in)", F.linear),
+    ]:
         inputs = [torch.randn(s, generator=gen, dtype=torch.float64).requires_grad_(True) for s in shapes]
         runs = [
             ("verify_function", lambda fn=fn, inputs=inputs: verify_function(fn, *inputs).passed),
-            ("verify_function(second_order=False)",
-             lambda fn=fn, inputs=inputs: verify_function(fn, *inputs, second_order=False).passed),
+            (
+                "verify_function(second_order=False)",
+                lambda fn=fn, inputs=inputs: verify_function(fn, *inputs, second_order=False).passed,
+            ),
             ("gradcheck", lambda fn=fn, inputs=inputs: torch.autograd.gradcheck(fn, inputs)),
-            ("gradcheck(fast_mode=True)",
-             lambda fn=fn, inputs=inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True)),
+            (
+                "gradcheck(fast_mode=True)",
+                lambda fn=fn, inputs=inputs: torch.autograd.gradcheck(fn, inputs, fast_mode=True),
+            ),
         ]
         for name, run in runs:
             run()  # untimed warm-up (torch's first-use costs)

@@ -100,8 +100,15 @@ def _workloads() -> list[Workload]:
 
     def convbn():
         model = nn.Sequential(
-            nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.GELU(), nn.Conv2d(8, 16, 3), nn.BatchNorm2d(16), nn.GELU(),
-            nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(64, 10),
+            nn.Conv2d(3, 8, 3),
+            nn.BatchNorm2d(8),
+            nn.GELU(),
+            nn.Conv2d(8, 16, 3),
+            nn.BatchNorm2d(16),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64, 10),
         ).train()
         return model, F.cross_entropy, (torch.randn(8, 3, 12, 12), torch.randint(0, 10, (8,)))
 
@@ -112,8 +119,9 @@ def _workloads() -> list[Workload]:
         return layer, F.mse_loss, (torch.randn(4, 8, 128), torch.randn(4, 8, 128))
 
     def custom_function():
-        model = nn.Sequential(nn.Linear(32, 64), _HandTanhModule(), nn.Linear(64, 64), _HandTanhModule(),
-                              nn.Linear(64, 10))
+        model = nn.Sequential(
+            nn.Linear(32, 64), _HandTanhModule(), nn.Linear(64, 64), _HandTanhModule(), nn.Linear(64, 10)
+        )
         return model, F.cross_entropy, (torch.randn(16, 32), torch.randint(0, 10, (16,)))
 
     return [
@@ -184,8 +192,9 @@ def _gradcheck(w: Workload, device: str, bug: bool, fast: bool) -> tuple[bool, f
     return passed, time.perf_counter() - start, calls[0]
 
 
-def _floor(w: Workload, device: str, chunk_elements: int = 1 << 22, max_chunk: int = 256,
-           sample_chunks: int = 8) -> tuple[float, str]:
+def _floor(
+    w: Workload, device: str, chunk_elements: int = 1 << 22, max_chunk: int = 256, sample_chunks: int = 8
+) -> tuple[float, str]:
     """Seconds for 2N plain batched forwards: one perturbed copy per row, vmap over functional_call.
 
     Same chunking as torchgradcheck's vmap engine, nothing else: no seeding, no buffer resets, no
@@ -233,34 +242,44 @@ def run(device: str = "cpu", quick: bool = False, slow_limit: int = 20_000) -> l
     return list(rows(device, quick, slow_limit))
 
 
-def rows(device: str = "cpu", quick: bool = False, slow_limit: int = 20_000, only: str = "",
-         full_limit: int = 110_000) -> Iterator[str]:
+def rows(
+    device: str = "cpu", quick: bool = False, slow_limit: int = 20_000, only: str = "", full_limit: int = 110_000
+) -> Iterator[str]:
     """The table's markdown lines, each as soon as it is measured (`only`: workloads whose name contains it)."""
-    yield ("| workload | params | method | engine | time correct (s) | evaluations | verdict correct | "
-           "verdict bug | time / 2N batched forwards |")
+    yield (
+        "| workload | params | method | engine | time correct (s) | evaluations | verdict correct | "
+        "verdict bug | time / 2N batched forwards |"
+    )
     yield "|---|---|---|---|---|---|---|---|---|"
     for w in _workloads()[:1] if quick else [w for w in _workloads() if only.lower() in w.name.lower()]:
         model, _, _ = _build(w, device, False)
         n = sum(p.numel() for p in model.parameters() if p.requires_grad)
         floor, how = _floor(w, device)
         _ours(w, device, False, mode="directional")  # warm-up: first-call costs of vmap and the ops, untimed
-        for label, options in (("torchgradcheck auto (default)", {}), ("torchgradcheck full", {"mode": "full"}),
-                               ("torchgradcheck directional", {"mode": "directional"})):
+        for label, options in (
+            ("torchgradcheck auto (default)", {}),
+            ("torchgradcheck full", {"mode": "full"}),
+            ("torchgradcheck directional", {"mode": "directional"}),
+        ):
             if options.get("mode") == "full" and n > full_limit:
                 yield f"| {w.name} | {n:,} | {label} | - | skipped (N > {full_limit:,}) | | | | |"
                 continue
             ok, t, evals, engine = _ours(w, device, False, **options)
             bad, _, _, _ = _ours(w, device, True, **options)
-            yield (f"| {w.name} | {n:,} | {label} | {engine} | {t:.2f} | {evals:,} | {_verdict(ok, False)} | "
-                   f"{_verdict(bad, True)} | {t / floor:.2f} |")
+            yield (
+                f"| {w.name} | {n:,} | {label} | {engine} | {t:.2f} | {evals:,} | {_verdict(ok, False)} | "
+                f"{_verdict(bad, True)} | {t / floor:.2f} |"
+            )
         for label, fast in (("gradcheck slow", False), ("gradcheck fast", True)):
             if not fast and n > slow_limit:
                 yield (f"| {w.name} | {n:,} | {label} | - | skipped (N > {slow_limit:,}) | | | | |")
                 continue
             ok, t, evals = _gradcheck(w, device, False, fast)
             bad, _, _ = _gradcheck(w, device, True, fast)
-            yield (f"| {w.name} | {n:,} | {label} | - | {t:.2f} | {evals:,} | {_verdict(ok, False)} | "
-                   f"{_verdict(bad, True)} | {t / floor:.2f} |")
+            yield (
+                f"| {w.name} | {n:,} | {label} | - | {t:.2f} | {evals:,} | {_verdict(ok, False)} | "
+                f"{_verdict(bad, True)} | {t / floor:.2f} |"
+            )
         yield (f"| {w.name} | {n:,} | 2N plain forwards (floor) | {how} | {floor:.2f} | {2 * n:,} | | | 1.00 |")
 
 
@@ -274,15 +293,25 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--slow-limit", type=int, default=20_000,
-                        help="skip gradcheck slow above this many params (it takes minutes there)")
+    parser.add_argument(
+        "--slow-limit",
+        type=int,
+        default=20_000,
+        help="skip gradcheck slow above this many params (it takes minutes there)",
+    )
     parser.add_argument("--only", default="", help="run only the workloads whose name contains this text")
-    parser.add_argument("--full-limit", type=int, default=110_000,
-                        help="skip torchgradcheck's full mode above this many params (minutes on a CPU)")
+    parser.add_argument(
+        "--full-limit",
+        type=int,
+        default=110_000,
+        help="skip torchgradcheck's full mode above this many params (minutes on a CPU)",
+    )
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("CUDA is not available on this machine; run without --device cuda")
-    print(f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), "
-          f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    print(
+        f"device: {args.device} ({torch.cuda.get_device_name() if args.device.startswith('cuda') else 'CPU'}), "
+        f"torch {torch.__version__}, threads {torch.get_num_threads()}"
+    )
     for line in rows(args.device, args.quick, args.slow_limit, args.only, args.full_limit):
         print(line, flush=True)

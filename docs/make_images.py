@@ -42,8 +42,9 @@ def one_element(gx, gw, gb):
 
 def two_bugs() -> tuple:
     torch.manual_seed(0)
-    model = nn.Sequential(HandLinear(16, 12, row_bug), nn.Tanh(), HandLinear(12, 12, transposed), nn.Tanh(),
-                          nn.Linear(12, 4))
+    model = nn.Sequential(
+        HandLinear(16, 12, row_bug), nn.Tanh(), HandLinear(12, 12, transposed), nn.Tanh(), nn.Linear(12, 4)
+    )
     return model, nn.CrossEntropyLoss(), (torch.randn(32, 16), torch.randint(0, 4, (32,)))
 
 
@@ -61,12 +62,20 @@ def main(report: bool = True) -> None:
 
     fig = Figure(figsize=(11.0, 4.4), layout="constrained")
     for i, (bug, title) in enumerate([(None, "correct backward"), (one_element, "backward 1 % wrong at [3, 7]")]):
-        sweep = sweep_steps(*mlp(bug), param="0.weight", index=(3, 7), steps=torch.logspace(-12, -1, 45).tolist(),
-                            forward=None, dtype=torch.float64, seed=0)
+        sweep = sweep_steps(
+            *mlp(bug),
+            param="0.weight",
+            index=(3, 7),
+            steps=torch.logspace(-12, -1, 45).tolist(),
+            forward=None,
+            dtype=torch.float64,
+            seed=0,
+        )
         ax = fig.add_subplot(1, 2, i + 1)
         draw_step_sweep(ax, sweep, color="#3b75af" if bug is None else "#d62728")
-        finish_step_axes(ax, f"{title}\n{sweep.name}: best h ≈ {sweep.best_step:.0e}, "
-                             f"smallest error {sweep.abs_error.min():.1e}")
+        finish_step_axes(
+            ax, f"{title}\n{sweep.name}: best h ≈ {sweep.best_step:.0e}, smallest error {sweep.abs_error.min():.1e}"
+        )
     low = min(ax.get_ylim()[0] for ax in fig.axes)
     high = max(ax.get_ylim()[1] for ax in fig.axes)
     for ax in fig.axes:  # one scale: the floor of the wrong element against the V of the right one

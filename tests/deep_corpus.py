@@ -66,12 +66,24 @@ class Encoder(nn.Module):
 
 
 class DeepNet(nn.Module):
-    def __init__(self, depth: int = 8, width: int = 12, classes: int = 3, *, act_bug_at: int | None = None,
-                 linear_bug_at: int | None = None, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        depth: int = 8,
+        width: int = 12,
+        classes: int = 3,
+        *,
+        act_bug_at: int | None = None,
+        linear_bug_at: int | None = None,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         blocks = [
-            Block(width, act_bug=i == act_bug_at,
-                  linear_bug=_weight_grad_2pc if i == linear_bug_at else None, dropout=dropout)
+            Block(
+                width,
+                act_bug=i == act_bug_at,
+                linear_bug=_weight_grad_2pc if i == linear_bug_at else None,
+                dropout=dropout,
+            )
             for i in range(depth)
         ]
         self.encoder = Encoder(blocks)

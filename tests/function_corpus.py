@@ -353,10 +353,21 @@ CORRECT: dict[str, Callable[[], Case]] = {
 }
 
 TWINS: dict[str, str] = {
-    "wrong_scale": "linear", "wrong_sign": "linear", "transposed_matmul_grad": "linear",
-    "swapped_grads": "mul", "broadcast_wrong_axis": "linear", "wrong_at_edges": "smooth",
-    "wrong_in_one_branch": "branch", "relative_1e-5": "linear", "one_element": "linear",
-    "second_derivative_only": "cube", "ignored_output_grad": "sincos", "float32_grad": "linear",
-    "noncontiguous_assumption": "raw_matmul", "stale_buffer": "cached_square", "ignored_keyword": "scaled_tanh",
-    "wrong_jvp": "scaled_tanh", "ignored_grad_output": "exp",
+    "wrong_scale": "linear",
+    "wrong_sign": "linear",
+    "transposed_matmul_grad": "linear",
+    "swapped_grads": "mul",
+    "broadcast_wrong_axis": "linear",
+    "wrong_at_edges": "smooth",
+    "wrong_in_one_branch": "branch",
+    "relative_1e-5": "linear",
+    "one_element": "linear",
+    "second_derivative_only": "cube",
+    "ignored_output_grad": "sincos",
+    "float32_grad": "linear",
+    "noncontiguous_assumption": "raw_matmul",
+    "stale_buffer": "cached_square",
+    "ignored_keyword": "scaled_tanh",
+    "wrong_jvp": "scaled_tanh",
+    "ignored_grad_output": "exp",
 }

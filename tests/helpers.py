@@ -27,17 +27,24 @@ def snapshot(model: nn.Module) -> Snapshot:
     items: dict[str, Any] = {}
     for name, p in model.named_parameters(remove_duplicate=False):
         items[f"param:{name}"] = (
-            id(p), p.data_ptr(), p.requires_grad, _bits(p),
+            id(p),
+            p.data_ptr(),
+            p.requires_grad,
+            _bits(p),
             None if p.grad is None else (id(p.grad), _bits(p.grad)),
             tuple(getattr(p, "_backward_hooks", None) or {}),
             tuple(getattr(p, "_post_accumulate_grad_hooks", None) or {}),
         )
     for mname, module in model.named_modules():
         items[f"module:{mname}"] = (
-            id(module), module.training,
-            tuple(module._forward_hooks), tuple(module._forward_pre_hooks),
-            tuple(module._backward_hooks), tuple(module._backward_pre_hooks),
-            tuple(module._parameters), tuple(module._buffers),
+            id(module),
+            module.training,
+            tuple(module._forward_hooks),
+            tuple(module._forward_pre_hooks),
+            tuple(module._backward_hooks),
+            tuple(module._backward_pre_hooks),
+            tuple(module._parameters),
+            tuple(module._buffers),
         )
         for bname, buf in module._buffers.items():
             items[f"buffer:{mname}.{bname}"] = None if buf is None else (id(buf), buf.data_ptr(), _bits(buf))

@@ -118,8 +118,10 @@ def test_batch_pair_is_inputs_and_target(container):
 
 def test_batch_tuple_inputs_are_unpacked_as_positional_arguments():
     model_call, loss_call = _check(((_t(3), _t(2), _t(1)), _t(2)))
-    assert model_call == (("tuple", [("tensor", (3,), F64), ("tensor", (2,), F64), ("tensor", (1,), F64)]),
-                          ("dict", {}))
+    assert model_call == (
+        ("tuple", [("tensor", (3,), F64), ("tensor", (2,), F64), ("tensor", (1,), F64)]),
+        ("dict", {}),
+    )
     assert len(loss_call[1]) == 2
 
 
@@ -145,8 +147,7 @@ Pair = namedtuple("Pair", ["x", "y"])
 
 def test_batch_namedtuple_is_passed_whole_with_its_type():
     model_call, loss_call = _check(Pair(_t(3), _t(2)))
-    assert model_call == (("tuple", [("Pair", {"x": ("tensor", (3,), F64), "y": ("tensor", (2,), F64)})]),
-                          ("dict", {}))
+    assert model_call == (("tuple", [("Pair", {"x": ("tensor", (3,), F64), "y": ("tensor", (2,), F64)})]), ("dict", {}))
     assert len(loss_call[1]) == 1
 
 

@@ -146,8 +146,9 @@ def test_cli_check_json_is_valid(cases, capsys, target, code):
 
 
 def test_cli_check_passes_tolerance_options(cases, capsys):
-    code, out, _ = _run(["check", f"{cases}:good", "--json", "--eps", "1e-5", "--rtol", "1e-4", "--atol", "1e-9"],
-                        capsys)
+    code, out, _ = _run(
+        ["check", f"{cases}:good", "--json", "--eps", "1e-5", "--rtol", "1e-4", "--atol", "1e-9"], capsys
+    )
     assert code == 0
     options = json.loads(out)["options"]
     assert (options["eps"], options["rtol"], options["atol"]) == (1e-5, 1e-4, 1e-9)
@@ -161,8 +162,11 @@ def test_cli_check_passes_tolerance_options(cases, capsys):
         ("missing.py:good", r"no such file 'missing\.py' \(from 'missing\.py:good'\); give a path to a Python file"),
         ("{cases}:nope", r"cases\.py has no callable 'nope'; callables there: \[.*'good'"),
         ("{cases}:NOT_CALLABLE", r"has no callable 'NOT_CALLABLE'"),
-        ("{cases}:not_a_case", r"not_a_case\(\) must return \(model, loss_fn, batch\) or a dict of verify_module "
-                               r"arguments, got int"),
+        (
+            "{cases}:not_a_case",
+            r"not_a_case\(\) must return \(model, loss_fn, batch\) or a dict of verify_module "
+            r"arguments, got int",
+        ),
         ("{cases}:raises", r"raises\(\) raised \(traceback above\)"),
         ("{cases}:bad_loss", r"verify_module\(model, loss_fn, batch\): the loss has shape \(4, 2\), not a scalar"),
         ("{cases}:unknown_option", r"unknown option rtoll=0\.001\. Did you mean rtol=\?"),
@@ -191,8 +195,9 @@ def test_cli_rejects_unknown_subcommand(capsys):
 
 def _subprocess(*args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # no thread oversubscription on a busy machine
-    return subprocess.run([sys.executable, "-m", "torchgradcheck", *args], capture_output=True, text=True,
-                          env=env, cwd=cwd, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "torchgradcheck", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=600
+    )
 
 
 @pytest.mark.slow
@@ -229,13 +234,18 @@ def test_cli_demo_json_is_one_valid_document():
 
 
 def test_cli_check_mode_params_and_inputs(cases, capsys):
-    code, out, _ = _run(["check", f"{cases}:bad", "--json", "--mode", "full", "--params", "fc.bias", "--inputs",
-                         "--no-localise"], capsys)
+    code, out, _ = _run(
+        ["check", f"{cases}:bad", "--json", "--mode", "full", "--params", "fc.bias", "--inputs", "--no-localise"],
+        capsys,
+    )
     assert code == 1
     data = json.loads(out)
     assert data["options"]["mode"] == "full"
     assert {r["name"]: r["status"] for r in data["results"]} == {
-        "fc.bias": "mismatch", "fc.weight": "skipped", "batch[0]": "mismatch", "batch[1]": "ok",
+        "fc.bias": "mismatch",
+        "fc.weight": "skipped",
+        "batch[0]": "mismatch",
+        "batch[1]": "ok",
     }
 
 

@@ -44,8 +44,9 @@ def _entry(rank: int, world: int, init: str, out: str, job: str) -> None:
 
 def spawn(job: str, tmp: Path, world: int = WORLD) -> list[Any]:
     """Run ``JOBS[job](rank, world)`` on `world` gloo ranks; the per-rank return values, rank order."""
-    ctx = mp.start_processes(_entry, args=(world, f"file://{tmp}/pg", str(tmp), job), nprocs=world, join=False,
-                             start_method="spawn")
+    ctx = mp.start_processes(
+        _entry, args=(world, f"file://{tmp}/pg", str(tmp), job), nprocs=world, join=False, start_method="spawn"
+    )
     deadline = time.monotonic() + DEADLINE
     while not ctx.join(timeout=1.0):
         if time.monotonic() > deadline:
@@ -100,16 +101,24 @@ def job_ddp(rank: int, world: int) -> dict[str, Any]:
     return out
 
 
-SPLIT_CASES = {"one_element_wrong": BUGS["one_element_wrong"], "rounded_constant": BUGS["rounded_constant"],
-               "cut_off": BUGS["cut_off"], "correct_mlp": CORRECT["correct_mlp"],
-               "offset_loss": CORRECT["offset_loss"], "dropout_train": CORRECT["dropout_train"],
-               "batchnorm_train": CORRECT["batchnorm_train"]}
+SPLIT_CASES = {
+    "one_element_wrong": BUGS["one_element_wrong"],
+    "rounded_constant": BUGS["rounded_constant"],
+    "cut_off": BUGS["cut_off"],
+    "correct_mlp": CORRECT["correct_mlp"],
+    "offset_loss": CORRECT["offset_loss"],
+    "dropout_train": CORRECT["dropout_train"],
+    "batchnorm_train": CORRECT["batchnorm_train"],
+}
 
 
 def _verdict(report: Any) -> dict[str, Any]:
     """What the comparison needs from a single-process report (kept small and picklable)."""
-    return {"passed": report.passed, "evaluations": report.evaluations,
-            "results": [(r.name, r.status, r.failed, r.worst[0].index if r.worst else None) for r in report.results]}
+    return {
+        "passed": report.passed,
+        "evaluations": report.evaluations,
+        "results": [(r.name, r.status, r.failed, r.worst[0].index if r.worst else None) for r in report.results],
+    }
 
 
 def job_split(rank: int, world: int) -> dict[str, Any]:
@@ -130,8 +139,9 @@ def job_errors(rank: int, world: int) -> dict[str, Any]:
     model, loss_fn, batch, placement = tp_mlp(rank, world)
     return {
         "default_placement": _run(model, loss_fn, batch),
-        "loss_not_replicated": _run(model, None, batch, placement=placement,
-                                    forward=lambda m, b: torch.tanh(m.fc1(b[0])).pow(2).mean()),
+        "loss_not_replicated": _run(
+            model, None, batch, placement=placement, forward=lambda m, b: torch.tanh(m.fc1(b[0])).pow(2).mean()
+        ),
         "bad_placement_value": _run(model, loss_fn, batch, placement={"fc1.*": "split"}),
         "bad_placement_key": _run(model, loss_fn, batch, placement={"fc3.weight": "sharded"}),
         "split_with_placement": _run(model, loss_fn, batch, placement=placement, split=True),

@@ -39,8 +39,11 @@ def test_error_classes_are_builtin_subclasses():
 
 
 def test_verify_module_rejects_non_module():
-    with pytest.raises(InvalidArgumentTypeError, match=PREFIX + r"expected a torch\.nn\.Module but got model=.*"
-                       r"\(type=function\); to check a plain function use verify_function"):
+    with pytest.raises(
+        InvalidArgumentTypeError,
+        match=PREFIX + r"expected a torch\.nn\.Module but got model=.*"
+        r"\(type=function\); to check a plain function use verify_function",
+    ):
         verify_module(lambda x: x, nn.MSELoss(), (torch.randn(2, 3), torch.randn(2, 3)))
 
 
@@ -51,55 +54,95 @@ def test_verify_module_rejects_module_class_instead_of_instance():
 
 def test_verify_module_rejects_non_callable_loss_fn():
     model, _, batch = _setup()
-    _raises(model, InvalidArgumentTypeError,
-            PREFIX + r"loss_fn must be callable \(e\.g\. nn\.MSELoss\(\)\) but got loss_fn=3; or pass forward=",
-            3, batch)
+    _raises(
+        model,
+        InvalidArgumentTypeError,
+        PREFIX + r"loss_fn must be callable \(e\.g\. nn\.MSELoss\(\)\) but got loss_fn=3; or pass forward=",
+        3,
+        batch,
+    )
 
 
 def test_verify_module_rejects_non_callable_forward():
     model, _, batch = _setup()
-    _raises(model, InvalidArgumentTypeError, PREFIX + r"forward= must be a callable \(model, batch\) -> loss, got 3",
-            None, batch, forward=3)
+    _raises(
+        model,
+        InvalidArgumentTypeError,
+        PREFIX + r"forward= must be a callable \(model, batch\) -> loss, got 3",
+        None,
+        batch,
+        forward=3,
+    )
 
 
 def test_verify_module_rejects_non_scalar_loss():
     model, _, batch = _setup()
-    _raises(model, InvalidArgumentError,
-            PREFIX + r"the loss has shape \(5, 2\), not a scalar; reduce it yourself \(e\.g\. reduction='mean' or "
-            r"\.sum\(\)\)", nn.MSELoss(reduction="none"), batch)
+    _raises(
+        model,
+        InvalidArgumentError,
+        PREFIX + r"the loss has shape \(5, 2\), not a scalar; reduce it yourself \(e\.g\. reduction='mean' or "
+        r"\.sum\(\)\)",
+        nn.MSELoss(reduction="none"),
+        batch,
+    )
 
 
 def test_verify_module_rejects_one_element_non_scalar_loss():
     """A (1,)-shaped loss is not silently squeezed."""
     model, _, batch = _setup()
-    _raises(model, InvalidArgumentError, r"the loss has shape \(1,\), not a scalar",
-            lambda out, t: ((out - t) ** 2).sum().reshape(1), batch)
+    _raises(
+        model,
+        InvalidArgumentError,
+        r"the loss has shape \(1,\), not a scalar",
+        lambda out, t: ((out - t) ** 2).sum().reshape(1),
+        batch,
+    )
 
 
 def test_verify_module_rejects_python_float_loss():
     model, _, batch = _setup()
-    _raises(model, InvalidArgumentError,
-            PREFIX + r"the loss is a Python float \(.*\), which carries no gradient; return the tensor itself "
-            r"\(no \.item\(\)\)", lambda out, t: ((out - t) ** 2).mean().detach().item(), batch)
+    _raises(
+        model,
+        InvalidArgumentError,
+        PREFIX + r"the loss is a Python float \(.*\), which carries no gradient; return the tensor itself "
+        r"\(no \.item\(\)\)",
+        lambda out, t: ((out - t) ** 2).mean().detach().item(),
+        batch,
+    )
 
 
 def test_verify_module_rejects_non_tensor_loss():
     model, _, batch = _setup()
-    _raises(model, InvalidArgumentError, PREFIX + r"the loss is a list, not a torch\.Tensor",
-            lambda out, t: [((out - t) ** 2).mean()], batch)
+    _raises(
+        model,
+        InvalidArgumentError,
+        PREFIX + r"the loss is a list, not a torch\.Tensor",
+        lambda out, t: [((out - t) ** 2).mean()],
+        batch,
+    )
 
 
 def test_verify_module_rejects_integer_loss():
     model, _, batch = _setup()
-    _raises(model, InvalidArgumentError, r"the loss has dtype torch\.int64; it must be a real floating scalar",
-            lambda out, t: torch.tensor(3), batch)
+    _raises(
+        model,
+        InvalidArgumentError,
+        r"the loss has dtype torch\.int64; it must be a real floating scalar",
+        lambda out, t: torch.tensor(3),
+        batch,
+    )
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 def test_verify_module_rejects_non_finite_loss(bad):
     model, _, batch = _setup()
-    _raises(model, InvalidArgumentError, PREFIX + r"the loss is -?(nan|inf) \(not finite\) at the unperturbed point",
-            lambda out, t: ((out - t) ** 2).mean() + bad, batch)
+    _raises(
+        model,
+        InvalidArgumentError,
+        PREFIX + r"the loss is -?(nan|inf) \(not finite\) at the unperturbed point",
+        lambda out, t: ((out - t) ** 2).mean() + bad,
+        batch,
+    )
 
 
 @pytest.mark.parametrize("where", [0, 1])
@@ -109,8 +152,13 @@ def test_verify_module_rejects_non_finite_batch(where, bad):
     batch = list(batch)
     batch[where] = batch[where].clone()
     batch[where][1, 1] = bad
-    error = _raises(model, InvalidArgumentError, PREFIX + rf"batch\[{where}\] contains NaN or Inf; fix the batch",
-                    loss_fn, tuple(batch))
+    error = _raises(
+        model,
+        InvalidArgumentError,
+        PREFIX + rf"batch\[{where}\] contains NaN or Inf; fix the batch",
+        loss_fn,
+        tuple(batch),
+    )
     assert "forward=" in str(error)
 
 
@@ -124,45 +172,77 @@ def test_verify_module_rejects_non_finite_in_dict_batch():
 def test_verify_module_rejects_model_without_trainable_parameters():
     model, loss_fn, batch = _setup()
     model.requires_grad_(False)
-    _raises(model, InvalidArgumentError,
-            PREFIX + r"the model has no trainable floating parameters to check \(skipped: .*'0\.weight', 'frozen'.*\); "
-            r"set requires_grad=True, or pass inputs=True", loss_fn, batch)
+    _raises(
+        model,
+        InvalidArgumentError,
+        PREFIX + r"the model has no trainable floating parameters to check \(skipped: .*'0\.weight', 'frozen'.*\); "
+        r"set requires_grad=True, or pass inputs=True",
+        loss_fn,
+        batch,
+    )
 
 
 def test_verify_module_rejects_model_without_parameters():
-    _raises(nn.Tanh(), InvalidArgumentError, r"no trainable floating parameters to check \(skipped: none\)",
-            lambda out: out.sum(), torch.randn(3))
+    _raises(
+        nn.Tanh(),
+        InvalidArgumentError,
+        r"no trainable floating parameters to check \(skipped: none\)",
+        lambda out: out.sum(),
+        torch.randn(3),
+    )
 
 
 @pytest.mark.parametrize("eps", [0, 0.0, -1e-6, float("nan"), float("inf")])
 def test_verify_module_rejects_non_positive_eps(eps):
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentError,
-            r"^verify_module: eps=.* must be finite and > 0; pass a relative step such as eps=1e-6, or leave eps unset",
-            loss_fn, batch, eps=eps)
+    _raises(
+        model,
+        InvalidArgumentError,
+        r"^verify_module: eps=.* must be finite and > 0; pass a relative step such as eps=1e-6, or leave eps unset",
+        loss_fn,
+        batch,
+        eps=eps,
+    )
 
 
 @pytest.mark.parametrize("eps", [1, 1.0, 5.0])
 def test_verify_module_rejects_eps_of_one_or_more(eps):
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentError, r"eps=.* is a relative step and must be < 1; pass a relative step such as",
-            loss_fn, batch, eps=eps)
+    _raises(
+        model,
+        InvalidArgumentError,
+        r"eps=.* is a relative step and must be < 1; pass a relative step such as",
+        loss_fn,
+        batch,
+        eps=eps,
+    )
 
 
 @pytest.mark.parametrize("eps", ["1e-6", True, [1e-6]])
 def test_verify_module_rejects_non_number_eps(eps):
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentTypeError,
-            r"expected a number for eps= but got .* \(type=\w+\); pass a relative step",
-            loss_fn, batch, eps=eps)
+    _raises(
+        model,
+        InvalidArgumentTypeError,
+        r"expected a number for eps= but got .* \(type=\w+\); pass a relative step",
+        loss_fn,
+        batch,
+        eps=eps,
+    )
 
 
 @pytest.mark.parametrize("name", ["rtol", "atol"])
 @pytest.mark.parametrize("value", [-1e-3, float("nan"), -float("inf")])
 def test_verify_module_rejects_negative_tolerances(name, value):
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentError, rf"^verify_module: {name}=.* must be finite and >= 0; pass e\.g\. {name}=",
-            loss_fn, batch, **{name: value})
+    _raises(
+        model,
+        InvalidArgumentError,
+        rf"^verify_module: {name}=.* must be finite and >= 0; pass e\.g\. {name}=",
+        loss_fn,
+        batch,
+        **{name: value},
+    )
 
 
 def test_verify_module_accepts_zero_tolerances():
@@ -179,30 +259,52 @@ def test_verify_module_accepts_zero_tolerances():
 )
 def test_verify_module_rejects_unknown_option_with_suggestion(option, suggestion):
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentTypeError,
-            rf"^verify_module: unknown option {option}=1\. Did you mean {suggestion}=\? Valid options are \[",
-            loss_fn, batch, **{option: 1})
+    _raises(
+        model,
+        InvalidArgumentTypeError,
+        rf"^verify_module: unknown option {option}=1\. Did you mean {suggestion}=\? Valid options are \[",
+        loss_fn,
+        batch,
+        **{option: 1},
+    )
 
 
 def test_verify_module_rejects_unknown_option_without_close_match():
     model, loss_fn, batch = _setup()
-    error = _raises(model, InvalidArgumentTypeError, r"unknown option colour='red'\. Valid options are \[",
-                    loss_fn, batch, colour="red")
+    error = _raises(
+        model,
+        InvalidArgumentTypeError,
+        r"unknown option colour='red'\. Valid options are \[",
+        loss_fn,
+        batch,
+        colour="red",
+    )
     assert "Did you mean" not in str(error)
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.complex128, "float64", 64])
 def test_verify_module_rejects_bad_dtype(dtype):
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentError,
-            r"^verify_module: dtype=.* is not supported; use one of \['torch\.float64', .*\], or dtype=None",
-            loss_fn, batch, dtype=dtype)
+    _raises(
+        model,
+        InvalidArgumentError,
+        r"^verify_module: dtype=.* is not supported; use one of \['torch\.float64', .*\], or dtype=None",
+        loss_fn,
+        batch,
+        dtype=dtype,
+    )
 
 
 def test_verify_module_rejects_bad_engine():
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentError, r"unknown engine='fast'; valid options are \['auto', 'vmap', 'loop'\]",
-            loss_fn, batch, engine="fast")
+    _raises(
+        model,
+        InvalidArgumentError,
+        r"unknown engine='fast'; valid options are \['auto', 'vmap', 'loop'\]",
+        loss_fn,
+        batch,
+        engine="fast",
+    )
 
 
 @pytest.mark.parametrize("seed", [1.5, "0", True])
@@ -218,28 +320,45 @@ def test_verify_module_rejects_non_bool_inputs():
 
 def test_verify_module_rejects_params_matching_nothing():
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentError,
-            PREFIX + r"params='encoder\.\*' matches no parameter; names are \['0\.weight', '0\.bias', ",
-            loss_fn, batch, params="encoder.*")
+    _raises(
+        model,
+        InvalidArgumentError,
+        PREFIX + r"params='encoder\.\*' matches no parameter; names are \['0\.weight', '0\.bias', ",
+        loss_fn,
+        batch,
+        params="encoder.*",
+    )
 
 
 def test_verify_module_rejects_one_bad_pattern_among_good_ones():
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentError, r"params='3\.wieght' matches no parameter", loss_fn, batch,
-            params=["0.*", "3.wieght"])
+    _raises(
+        model,
+        InvalidArgumentError,
+        r"params='3\.wieght' matches no parameter",
+        loss_fn,
+        batch,
+        params=["0.*", "3.wieght"],
+    )
 
 
 def test_verify_module_rejects_params_of_wrong_type():
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentTypeError,
-            r"params= takes parameter names or glob patterns \(a str or a list of str\), got 3",
-            loss_fn, batch, params=3)
+    _raises(
+        model,
+        InvalidArgumentTypeError,
+        r"params= takes parameter names or glob patterns \(a str or a list of str\), got 3",
+        loss_fn,
+        batch,
+        params=3,
+    )
 
 
 def test_verify_module_rejects_lazy_module():
     model = nn.Sequential(nn.LazyLinear(2))
-    with pytest.raises(InvalidArgumentError,
-                       match=PREFIX + r"the model has uninitialized \(lazy\) parameters; run one forward first"):
+    with pytest.raises(
+        InvalidArgumentError, match=PREFIX + r"the model has uninitialized \(lazy\) parameters; run one forward first"
+    ):
         verify_module(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)))
     # the snapshot helper cannot read uninitialized parameters; check what it can't
     assert isinstance(model[0].weight, nn.parameter.UninitializedParameter)
@@ -249,10 +368,15 @@ def test_verify_module_rejects_lazy_module():
 @pytest.mark.parametrize("size", [0, 3, 4])
 def test_verify_module_rejects_batch_tuple_of_wrong_length(size):
     model, loss_fn, (x, y) = _setup()
-    _raises(model, InvalidArgumentError,
-            PREFIX + rf"batch is a tuple of {size} items; expected a Tensor, a dict, \(inputs,\) or "
-            r"\(inputs, target\); "
-            r"fix the batch, or pass forward=", loss_fn, (x, y, y, y)[:size])
+    _raises(
+        model,
+        InvalidArgumentError,
+        PREFIX + rf"batch is a tuple of {size} items; expected a Tensor, a dict, \(inputs,\) or "
+        r"\(inputs, target\); "
+        r"fix the batch, or pass forward=",
+        loss_fn,
+        (x, y, y, y)[:size],
+    )
 
 
 def test_verify_module_accepts_long_tuple_with_forward():
@@ -266,15 +390,20 @@ def test_verify_module_accepts_long_tuple_with_forward():
 
 def test_verify_module_rejects_missing_batch():
     model, loss_fn, _ = _setup()
-    _raises(model, InvalidArgumentError, PREFIX + r"no batch was given \(batch=None\); pass the model's inputs",
-            loss_fn)
+    _raises(
+        model, InvalidArgumentError, PREFIX + r"no batch was given \(batch=None\); pass the model's inputs", loss_fn
+    )
 
 
 def test_verify_module_rejects_loss_that_does_not_require_grad():
     model, _, batch = _setup()
-    _raises(model, InvalidArgumentError,
-            PREFIX + r"the loss does not require grad: nothing connects it to the checked parameters",
-            lambda out, t: ((out - t) ** 2).mean().detach(), batch)
+    _raises(
+        model,
+        InvalidArgumentError,
+        PREFIX + r"the loss does not require grad: nothing connects it to the checked parameters",
+        lambda out, t: ((out - t) ** 2).mean().detach(),
+        batch,
+    )
 
 
 def test_verify_module_lets_model_errors_through_unchanged():
@@ -323,6 +452,12 @@ def test_verify_module_params_may_name_a_tied_parameter_by_any_name():
 @pytest.mark.parametrize("params", [[], ()])
 def test_verify_module_rejects_empty_params(params):
     model, loss_fn, batch = _setup()
-    _raises(model, InvalidArgumentError,
-            r"^verify_module: params=(\[\]|\(\)) selects nothing; pass parameter names or glob patterns .*or leave "
-            r"params=None", loss_fn, batch, params=params)
+    _raises(
+        model,
+        InvalidArgumentError,
+        r"^verify_module: params=(\[\]|\(\)) selects nothing; pass parameter names or glob patterns .*or leave "
+        r"params=None",
+        loss_fn,
+        batch,
+        params=params,
+    )

@@ -18,8 +18,9 @@ print(",".join(sorted(m for m in sys.modules if m == "torch" or m.startswith("to
 
 
 def _torch_modules_after(imports: str) -> str:
-    out = subprocess.run([sys.executable, "-c", PROBE.format(imports=imports)], capture_output=True, text=True,
-                         check=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE.format(imports=imports)], capture_output=True, text=True, check=True, timeout=120
+    )
     return out.stdout.strip()
 
 

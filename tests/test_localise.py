@@ -239,13 +239,18 @@ class _Container(nn.Module):
         return _SwishFn.apply(self.inner(self.fc(x)), self.own_bug)
 
 
-@pytest.mark.parametrize(("own_bug", "child_bug", "expected"), [(True, False, "0"), (False, True, "0.inner"),
-                                                                 (False, False, None)])
+@pytest.mark.parametrize(
+    ("own_bug", "child_bug", "expected"), [(True, False, "0"), (False, True, "0.inner"), (False, False, None)]
+)
 def test_localise_custom_function_in_a_container_forward(own_bug, child_bug, expected):
     model = nn.Sequential(_Container(own_bug, child_bug), nn.Linear(4, 2))
     loc = _localise(model, nn.MSELoss(), (torch.randn(5, 4), torch.randn(5, 2)))
     assert [(s.name, s.functions) for s in loc.checked if s.name != "(model)"] == [
-        ("1", ()), ("0", ("_SwishFn",)), ("0.inner", ("_SwishFn",)), ("0.fc", ())]
+        ("1", ()),
+        ("0", ("_SwishFn",)),
+        ("0.inner", ("_SwishFn",)),
+        ("0.fc", ()),
+    ]
     assert loc.first_wrong == expected, loc
     # a container around a wrong child fails too, but the blame goes to the child
     assert loc.checked[1].status == ("wrong" if own_bug or child_bug else "ok")

@@ -126,8 +126,9 @@ def test_message_nondeterministic_forward_is_noted():
     assert report.passed, str(report)
     notes = [n for n in report.notes if "nondeterministic" in n]
     assert len(notes) == 1
-    assert notes[0].startswith("the forward is nondeterministic beyond torch's RNG: two identical evaluations differ "
-                               "by ")
+    assert notes[0].startswith(
+        "the forward is nondeterministic beyond torch's RNG: two identical evaluations differ by "
+    )
     assert notes[0].endswith("; tolerances widened by this noise")
     assert f"  note: {notes[0]}" in str(report)
 
@@ -145,8 +146,11 @@ def test_message_engine_vmap_refuses_with_the_fix():
     model = nn.Sequential(HandLinear(3, 2), nn.Tanh())
     batch = torch.randn(4, 3)
     before = snapshot(model)
-    with pytest.raises(ValueError, match=r"^verify_module\(model, loss_fn, batch\): engine='vmap' is not usable here: "
-                                         r"vmap could not run the model .*; use engine='auto'\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^verify_module\(model, loss_fn, batch\): engine='vmap' is not usable here: "
+        r"vmap could not run the model .*; use engine='auto'\.$",
+    ):
         verify_module(model, lambda out: out.sum(), batch, engine="vmap")
     assert_unchanged(before, model)
 
@@ -160,7 +164,9 @@ def test_message_default_failure_names_the_first_wrong_backward():
     before = snapshot(model)
     report = verify_module(model, nn.MSELoss(), batch)
     assert_unchanged(before, model)
-    with pytest.raises(GradientMismatchError,
-                       match=r"(?m)^first wrong backward: fc \(HandLinear\): gradient of weight disagrees "
-                             r"\(relative error \d\.\d\de-\d\d\); "):
+    with pytest.raises(
+        GradientMismatchError,
+        match=r"(?m)^first wrong backward: fc \(HandLinear\): gradient of weight disagrees "
+        r"\(relative error \d\.\d\de-\d\d\); ",
+    ):
         report.assert_passed()

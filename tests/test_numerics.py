@@ -19,8 +19,9 @@ def test_noise_from_samples_recovers_injected_noise():
     t = torch.arange(9, dtype=torch.float64)
     smooth = 3.0 + 0.5 * t - 0.01 * t**2  # a quadratic: its 3rd+ differences vanish
     for sigma in (1e-12, 1e-6):
-        estimates = [noise_from_samples(smooth + sigma * torch.randn(9, generator=gen, dtype=torch.float64))
-                     for _ in range(200)]
+        estimates = [
+            noise_from_samples(smooth + sigma * torch.randn(9, generator=gen, dtype=torch.float64)) for _ in range(200)
+        ]
         median = sorted(estimates)[100]
         assert sigma / 3 < median < 3 * sigma
 

@@ -227,9 +227,15 @@ def test_report_plot_survives_non_finite_and_empty_reports():
 
     err = np.array([np.inf, 0.0, 1e-3, np.nan], dtype=np.float32)  # NaN: not checked
     tol = np.array([1e-6, 0.0, 1e-6, np.nan], dtype=np.float32)
-    broken = ParameterResult(name="w", shape=(2, 2), status="mismatch", checked=3, failed=2,
-                             worst=(ElementResult((0, 0), math.nan, 1.0, math.inf, 1e-6),),
-                             errors=ElementErrors(err, tol, np.zeros(4, dtype=bool)))
+    broken = ParameterResult(
+        name="w",
+        shape=(2, 2),
+        status="mismatch",
+        checked=3,
+        failed=2,
+        worst=(ElementResult((0, 0), math.nan, 1.0, math.inf, 1e-6),),
+        errors=ElementErrors(err, tol, np.zeros(4, dtype=bool)),
+    )
     fig = Report(call="verify_module", results=(broken,), relative_error=math.nan).plot()
     _, over, _ = heatmap_grid(broken)
     assert over.tolist() == [[True, False], [True, False]]

@@ -13,7 +13,7 @@ from torchgradcheck.pytest_plugin import Gradcheck, moved_model
 pytest_plugins = ["pytester"]
 
 # A user's test module: one correct model, one whose custom Function has a wrong backward.
-USER_TESTS = '''
+USER_TESTS = """
 import torch
 from torch import nn
 
@@ -51,7 +51,7 @@ def test_correct_model(gradcheck):
 
 def test_buggy_model(gradcheck):
     gradcheck(*case(True), engine="loop")
-'''
+"""
 
 
 def _tiny(bug: bool = False) -> tuple[nn.Module, nn.Module, tuple[torch.Tensor, torch.Tensor]]:
@@ -82,7 +82,7 @@ def test_plugin_failing_check_shows_report_table(pytester):
     result.stdout.fnmatch_lines(
         [
             "*_ test_buggy_model _*",
-            "*gradcheck(*case(True), engine=\"loop\")",
+            '*gradcheck(*case(True), engine="loop")',
             "E *GradientMismatchError: verify_module: FAILED, gradients disagree for 2 of 2 tensors*",
             "E * tensor*shape*status*rel.err*max|a-n|*worst element*numerical*autograd*tol",
             "E * fc.weight*(2, 3)*mismatch (6/6)*",
@@ -105,8 +105,9 @@ def test_plugin_header_and_device_skip(pytester):
             assert gradcheck.mode == "full"
         """
     )
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rs",
-                                          "--gradcheck-mode=full", "--gradcheck-device=cuda")
+    result = pytester.runpytest_inprocess(
+        "-p", "no:cacheprovider", "-rs", "--gradcheck-mode=full", "--gradcheck-device=cuda"
+    )
     result.stdout.fnmatch_lines(["torchgradcheck: mode=full, device=cuda"])
     if torch.cuda.is_available():
         result.assert_outcomes(passed=1)

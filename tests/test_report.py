@@ -152,8 +152,10 @@ def test_report_passing_headline():
     assert report.passed
     assert bool(report)
     assert report.failures == ()
-    assert re.match(r"verify_module: OK, 4 tensors \(26 elements\) agree \(relative error \d\.\d\de-\d\d\)$",
-                    str(report).splitlines()[0])
+    assert re.match(
+        r"verify_module: OK, 4 tensors \(26 elements\) agree \(relative error \d\.\d\de-\d\d\)$",
+        str(report).splitlines()[0],
+    )
     assert "This usually means" not in str(report)
     report.assert_passed()  # returns quietly
 
@@ -190,8 +192,18 @@ def test_report_to_dict_is_json_and_round_trips(every_status):
 def test_report_to_dict_writes_non_finite_floats_as_strings():
     report = Report(
         call="verify_module",
-        results=(ParameterResult("w", (2,), "mismatch", relative_error=math.nan, max_abs_error=math.inf, checked=2,
-                                 failed=1, worst=(ElementResult((1,), math.nan, 1.0, math.inf, 1e-7),)),),
+        results=(
+            ParameterResult(
+                "w",
+                (2,),
+                "mismatch",
+                relative_error=math.nan,
+                max_abs_error=math.inf,
+                checked=2,
+                failed=1,
+                worst=(ElementResult((1,), math.nan, 1.0, math.inf, 1e-7),),
+            ),
+        ),
         relative_error=math.nan,
     )
     text = json.dumps(report.to_dict(), allow_nan=False)
@@ -253,13 +265,29 @@ def test_report_str_is_bounded_whatever_the_result_holds():
     """Even a result carrying 10,000 worst elements and 10,000 kinks renders a few lines."""
     worst = tuple(ElementResult((i // 100, i % 100), 1.0, 2.0, 1.0, 1e-6) for i in range(10_000))
     kinks = tuple((i // 100, i % 100) for i in range(10_000))
-    report = Report(call="verify_module", relative_error=0.3, results=(
-        ParameterResult("fc.weight", (100, 100), "mismatch", relative_error=0.3, max_abs_error=1.0, checked=10_000,
-                        failed=10_000, worst=worst, not_differentiable=kinks),))
+    report = Report(
+        call="verify_module",
+        relative_error=0.3,
+        results=(
+            ParameterResult(
+                "fc.weight",
+                (100, 100),
+                "mismatch",
+                relative_error=0.3,
+                max_abs_error=1.0,
+                checked=10_000,
+                failed=10_000,
+                worst=worst,
+                not_differentiable=kinks,
+            ),
+        ),
+    )
     text = str(report)
     _bounded(text)
-    assert "fc.weight: 10000 element(s) not differentiable here (excluded): fc.weight[0, 0], fc.weight[0, 1], " \
-           "fc.weight[0, 2] and 9997 more" in text
+    assert (
+        "fc.weight: 10000 element(s) not differentiable here (excluded): fc.weight[0, 0], fc.weight[0, 1], "
+        "fc.weight[0, 2] and 9997 more" in text
+    )
     assert text.count("fc.weight[") == 6  # 3 worst + 3 kinks
 
 
@@ -296,27 +324,75 @@ def hand_report() -> Report:
     return Report(
         call="verify_module",
         results=(
-            ParameterResult("encoder.fc1.weight", (64, 32), "mismatch", relative_error=4.7e-3, max_abs_error=3.11e-2,
-                            checked=2048, failed=2,
-                            worst=(ElementResult((3, 7), 0.0661, 0.035, 0.0311, 6.61e-8),
-                                   ElementResult((5, 1), 0.5, 0.51, 0.01, 5e-7),
-                                   ElementResult((0, 0), 0.25, 0.25, 1e-12, 2.5e-7))),
-            ParameterResult("encoder.fc1.bias", (64,), "ok", relative_error=1.2e-11, max_abs_error=3.4e-12, checked=64,
-                            worst=(ElementResult((12,), -0.25, -0.25, 3.4e-12, 2.5e-7),)),
-            ParameterResult("head.weight", (2, 64), "no gradient", relative_error=1.0, max_abs_error=0.5, checked=128,
-                            failed=128, worst=(ElementResult((1, 0), 0.5, 0.0, 0.5, 5e-7),),
-                            note=".grad is None after backward, but the loss depends on this tensor"),
-            ParameterResult("spare", (3,), "unused", relative_error=0.0, max_abs_error=0.0, checked=3,
-                            note=".grad is None after backward and the loss does not depend on it"),
-            ParameterResult("act.alpha", (), "ok", relative_error=2e-12, max_abs_error=1e-12, checked=1,
-                            worst=(ElementResult((), 1.5, 1.5, 1e-12, 1.5e-6),)),
-            ParameterResult("relu_in.weight", (4, 4), "ok", relative_error=3e-11, max_abs_error=2e-11, checked=15,
-                            not_differentiable=((0, 1),)),
+            ParameterResult(
+                "encoder.fc1.weight",
+                (64, 32),
+                "mismatch",
+                relative_error=4.7e-3,
+                max_abs_error=3.11e-2,
+                checked=2048,
+                failed=2,
+                worst=(
+                    ElementResult((3, 7), 0.0661, 0.035, 0.0311, 6.61e-8),
+                    ElementResult((5, 1), 0.5, 0.51, 0.01, 5e-7),
+                    ElementResult((0, 0), 0.25, 0.25, 1e-12, 2.5e-7),
+                ),
+            ),
+            ParameterResult(
+                "encoder.fc1.bias",
+                (64,),
+                "ok",
+                relative_error=1.2e-11,
+                max_abs_error=3.4e-12,
+                checked=64,
+                worst=(ElementResult((12,), -0.25, -0.25, 3.4e-12, 2.5e-7),),
+            ),
+            ParameterResult(
+                "head.weight",
+                (2, 64),
+                "no gradient",
+                relative_error=1.0,
+                max_abs_error=0.5,
+                checked=128,
+                failed=128,
+                worst=(ElementResult((1, 0), 0.5, 0.0, 0.5, 5e-7),),
+                note=".grad is None after backward, but the loss depends on this tensor",
+            ),
+            ParameterResult(
+                "spare",
+                (3,),
+                "unused",
+                relative_error=0.0,
+                max_abs_error=0.0,
+                checked=3,
+                note=".grad is None after backward and the loss does not depend on it",
+            ),
+            ParameterResult(
+                "act.alpha",
+                (),
+                "ok",
+                relative_error=2e-12,
+                max_abs_error=1e-12,
+                checked=1,
+                worst=(ElementResult((), 1.5, 1.5, 1e-12, 1.5e-6),),
+            ),
+            ParameterResult(
+                "relu_in.weight",
+                (4, 4),
+                "ok",
+                relative_error=3e-11,
+                max_abs_error=2e-11,
+                checked=15,
+                not_differentiable=((0, 1),),
+            ),
             ParameterResult("frozen.weight", (4, 4), "skipped", note="frozen"),
         ),
         relative_error=2.5e-3,
         options={"dtype": "float64", "device": "cpu", "eps": 6e-06, "rtol": 1e-06, "atol": 0.0, "seed": 0},
-        evaluations=4567, seconds=1.234, engine="vmap", notes=("an example note",),
+        evaluations=4567,
+        seconds=1.234,
+        engine="vmap",
+        notes=("an example note",),
     )
 
 
@@ -392,8 +468,9 @@ def test_report_snapshot_of_a_real_table(every_status):
         rows.append(" | ".join(cells))
     assert "\n".join(rows) == EVERY_STATUS_TABLE
     assert lines[0] == lines[0].rstrip()
-    assert re.match(r"verify_module: FAILED, gradients disagree for 3 of 8 tensors \(relative error [\d.e+-]+\)$",
-                    lines[0])
+    assert re.match(
+        r"verify_module: FAILED, gradients disagree for 3 of 8 tensors \(relative error [\d.e+-]+\)$", lines[0]
+    )
 
 
 @pytest.mark.slow

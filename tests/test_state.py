@@ -132,8 +132,9 @@ def test_verify_module_every_evaluation_starts_from_the_same_buffers():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.5), nn.Tanh(), nn.Linear(4, 1)).train()
     seen = []
-    model[1].register_forward_pre_hook(lambda mod, args: seen.append(
-        (mod.running_mean.clone(), int(mod.num_batches_tracked))))
+    model[1].register_forward_pre_hook(
+        lambda mod, args: seen.append((mod.running_mean.clone(), int(mod.num_batches_tracked)))
+    )
     batch = (torch.randn(5, 3), torch.randn(5, 1))
     before = snapshot(model)
     report = verify_module(model, nn.MSELoss(), batch, engine="loop")

@@ -17,8 +17,16 @@ def _state(tree):
     if isinstance(tree, torch.Tensor):
         t = tree.detach()
         grad = tree.grad if tree.is_leaf and tree.grad is not None else None
-        return (str(t.dtype), tuple(t.shape), t.stride(), t.data_ptr(), tree.requires_grad, tree._version,
-                None if grad is None else grad.clone(), t.cpu().contiguous().numpy().tobytes())
+        return (
+            str(t.dtype),
+            tuple(t.shape),
+            t.stride(),
+            t.data_ptr(),
+            tree.requires_grad,
+            tree._version,
+            None if grad is None else grad.clone(),
+            t.cpu().contiguous().numpy().tobytes(),
+        )
     if isinstance(tree, dict):
         return {k: _state(v) for k, v in tree.items()}
     if isinstance(tree, (tuple, list)):
@@ -274,7 +282,10 @@ def test_verify_function_names_keyword_and_varargs_inputs():
     xs = [torch.randn(3, requires_grad=True) for _ in range(2)]
     report = _check((f, tuple(xs), {"scale": torch.randn(3, requires_grad=True)}))
     assert [r.name for r in report.results if r.kind == "input"] == [
-        "grad w.r.t. xs[0]", "grad w.r.t. xs[1]", "grad w.r.t. scale"]
+        "grad w.r.t. xs[0]",
+        "grad w.r.t. xs[1]",
+        "grad w.r.t. scale",
+    ]
 
 
 class NewStyleSquare(torch.autograd.Function):
@@ -400,7 +411,7 @@ def test_verify_function_rejects_no_input_requiring_grad():
 def test_verify_function_rejects_nothing_differentiable():
     x = torch.randn(3, requires_grad=True)
     with pytest.raises(InvalidArgumentError, match="fn returned nothing differentiable"):
-        verify_function(lambda x: (x > 0), x)
+        verify_function(lambda x: x > 0, x)
     with pytest.raises(InvalidArgumentError, match="no output of fn requires grad"):
         verify_function(lambda x: x.detach() * 2, x)
 

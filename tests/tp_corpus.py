@@ -90,8 +90,7 @@ class RowParallelLinear(nn.Module):
 class ParallelMLP(nn.Module):
     """Column-parallel -> tanh (-> replicated gain) -> row-parallel, as in a Megatron transformer MLP."""
 
-    def __init__(self, rank: int, world: int, missing: bool = False, spurious: bool = False,
-                 gain: str | None = None):
+    def __init__(self, rank: int, world: int, missing: bool = False, spurious: bool = False, gain: str | None = None):
         super().__init__()
         self.fc1 = ColumnParallelLinear(D_IN, HIDDEN, rank, world, missing)
         self.fc2 = RowParallelLinear(HIDDEN, D_OUT, rank, world, spurious)

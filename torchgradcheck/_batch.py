@@ -24,8 +24,12 @@ __all__ = ["Objective", "convert_batch", "input_targets"]
 
 
 # The complex dtype that holds a real checking dtype's precision.
-_COMPLEX = {torch.float64: torch.complex128, torch.float32: torch.complex64, torch.complex128: torch.complex128,
-            torch.complex64: torch.complex64}
+_COMPLEX = {
+    torch.float64: torch.complex128,
+    torch.float32: torch.complex64,
+    torch.complex128: torch.complex128,
+    torch.complex64: torch.complex64,
+}
 
 
 class BatchError(ValueError):

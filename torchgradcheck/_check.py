@@ -53,10 +53,19 @@ def noise_level(engine: Engine, target: Target, loss0: torch.Tensor, floor: floa
     return max(estimate_noise(engine, target, generator), u * abs(float(loss0)), floor)
 
 
-def measure(engine: Engine, target: Target, analytical: torch.Tensor, loss0: torch.Tensor, floor: float,
-            settings: Settings, generator: torch.Generator, *, index: torch.Tensor | None = None,
-            sigma: float | None = None,
-            agree: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TensorCheck:
+def measure(
+    engine: Engine,
+    target: Target,
+    analytical: torch.Tensor,
+    loss0: torch.Tensor,
+    floor: float,
+    settings: Settings,
+    generator: torch.Generator,
+    *,
+    index: torch.Tensor | None = None,
+    sigma: float | None = None,
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> TensorCheck:
     """Numerical gradient at the elements `index` (default all) of `target`, judged against `analytical`.
 
     `analytical` is the flat float64 gradient of the whole tensor; `sigma` the noise level if already
@@ -80,8 +89,15 @@ def measure(engine: Engine, target: Target, analytical: torch.Tensor, loss0: tor
         where = bad.nonzero().flatten()
         look = second_look(engine, target, first, where, loss0)
         j = judge_second_look(
-            a[where], numerical[where], first.h[where], first.span[where],
-            look.values, look.wide, sigma, settings.rtol, settings.atol,
+            a[where],
+            numerical[where],
+            first.h[where],
+            first.span[where],
+            look.values,
+            look.wide,
+            sigma,
+            settings.rtol,
+            settings.atol,
         )
         numerical = numerical.clone()
         tolerance = tolerance.clone()
@@ -95,8 +111,9 @@ def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(int(x) for x in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
 
 
-def summarise(target: Target, check: TensorCheck, has_grad: bool, *, coverage: str = "full",
-              extra_failure: str = "") -> ParameterResult:
+def summarise(
+    target: Target, check: TensorCheck, has_grad: bool, *, coverage: str = "full", extra_failure: str = ""
+) -> ParameterResult:
     """Turn the element-wise outcome into a verdict for the tensor.
 
     `extra_failure` marks the tensor failed for a reason found outside the element checks (a failed
@@ -118,8 +135,13 @@ def summarise(target: Target, check: TensorCheck, has_grad: bool, *, coverage: s
         return _unravel(flat_index[i] if flat_index is not None else i, shape)
 
     worst = tuple(
-        ElementResult(index=where(i), numerical=float(n[i]), analytical=float(a[i]),
-                      abs_error=float(err[i]), tolerance=float(tol[i]))
+        ElementResult(
+            index=where(i),
+            numerical=float(n[i]),
+            analytical=float(a[i]),
+            abs_error=float(err[i]),
+            tolerance=float(tol[i]),
+        )
         for i in top
         if bool(judged[i])
     )
@@ -147,10 +169,19 @@ def summarise(target: Target, check: TensorCheck, has_grad: bool, *, coverage: s
     else:
         status = "ok"
     return ParameterResult(
-        name=target.name, shape=shape, status=status, relative_error=rel,
+        name=target.name,
+        shape=shape,
+        status=status,
+        relative_error=rel,
         max_abs_error=float(err[judged].max()) if bool(judged.any()) else None,
-        checked=int(judged.sum()), failed=failed, worst=worst, not_differentiable=kink_index,
-        noise=check.sigma, kind=target.kind, note=note, coverage=coverage,
+        checked=int(judged.sum()),
+        failed=failed,
+        worst=worst,
+        not_differentiable=kink_index,
+        noise=check.sigma,
+        kind=target.kind,
+        note=note,
+        coverage=coverage,
         norms=(float(a[judged].norm()), float(n[judged].norm())),
         errors=_element_errors(err, tol, kink, check.index, target.tensor.numel()),
     )
@@ -159,8 +190,9 @@ def summarise(target: Target, check: TensorCheck, has_grad: bool, *, coverage: s
 KEEP_ELEMENTS = 1_000_000  # per-element errors are kept for pictures only up to this many elements (8 MB)
 
 
-def _element_errors(err: torch.Tensor, tol: torch.Tensor, kink: torch.Tensor, index: torch.Tensor | None,
-                    numel: int) -> ElementErrors | None:
+def _element_errors(
+    err: torch.Tensor, tol: torch.Tensor, kink: torch.Tensor, index: torch.Tensor | None, numel: int
+) -> ElementErrors | None:
     """Every element's |a - n| and tolerance for `Report.plot`; NaN where an element was not checked."""
     if numel > KEEP_ELEMENTS:
         return None

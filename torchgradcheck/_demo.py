@@ -39,7 +39,12 @@ class _Act(nn.Module):
 def _model(slip: bool) -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Linear(16, 32), _Act(slip), nn.Dropout(0.1), nn.Linear(32, 32), nn.LayerNorm(32), _Act(slip),
+        nn.Linear(16, 32),
+        _Act(slip),
+        nn.Dropout(0.1),
+        nn.Linear(32, 32),
+        nn.LayerNorm(32),
+        _Act(slip),
         nn.Linear(32, 4),
     )
 
@@ -50,7 +55,12 @@ def demo_cases() -> list[tuple[str, nn.Module, nn.Module, tuple[torch.Tensor, to
     x = 2 * torch.randn(64, 16, generator=gen)
     y = torch.randint(0, 4, (64,), generator=gen)
     return [
-        ("a correct MLP with a hand-written SiLU backward, dropout on", _model(False), nn.CrossEntropyLoss(), (x, y),
-         True),
+        (
+            "a correct MLP with a hand-written SiLU backward, dropout on",
+            _model(False),
+            nn.CrossEntropyLoss(),
+            (x, y),
+            True,
+        ),
         ("the same MLP whose SiLU backward is wrong for x > 2", _model(True), nn.CrossEntropyLoss(), (x, y), False),
     ]

@@ -41,8 +41,9 @@ LEAF_SIZE = 32  # bisection stops at groups this small ...
 MAX_BRANCHES = 8  # ... and gives up splitting when the failure is this widespread
 
 
-def random_directions(target: Target, count: int, eps: float, generator: torch.Generator,
-                      support: torch.Tensor | None = None) -> torch.Tensor:
+def random_directions(
+    target: Target, count: int, eps: float, generator: torch.Generator, support: torch.Tensor | None = None
+) -> torch.Tensor:
     """``count`` perturbations of `target` (rows), nonzero only on `support` (flat indices; default all)."""
     base = target.flat
     n = base.numel()
@@ -81,8 +82,15 @@ def _evaluated_steps(target: Target, deltas: torch.Tensor) -> tuple[torch.Tensor
     return up, down
 
 
-def probe(engine: Engine, target: Target, analytical: torch.Tensor, loss0: torch.Tensor, sigma: float,
-          settings: Settings, deltas: torch.Tensor) -> ProbeResult:
+def probe(
+    engine: Engine,
+    target: Target,
+    analytical: torch.Tensor,
+    loss0: torch.Tensor,
+    sigma: float,
+    settings: Settings,
+    deltas: torch.Tensor,
+) -> ProbeResult:
     """Judge autograd along each row of `deltas` (see the module docstring); failures get a second look."""
     dtype = target.flat.dtype
     up, down = _evaluated_steps(target, deltas)
@@ -111,16 +119,26 @@ def probe(engine: Engine, target: Target, analytical: torch.Tensor, loss0: torch
         result.numerical = numerical.clone()
         result.numerical[where] = refined
         result.tolerance = tolerance.clone()
-        result.tolerance[where] = (rtol * scale[where] + 1.5 * noise + (first - wide).abs() / 3
-                                   + settings.atol * step[where].abs().sum(dim=1))
+        result.tolerance[where] = (
+            rtol * scale[where] + 1.5 * noise + (first - wide).abs() / 3 + settings.atol * step[where].abs().sum(dim=1)
+        )
         result.kink = kink.clone()
         result.kink[where] = (misfit > KINK_SIGMAS * math.sqrt(2.0) * sigma) & (
-            misfit >= KINK_SHARE * (ana[where] - first).abs())
+            misfit >= KINK_SHARE * (ana[where] - first).abs()
+        )
     return result
 
 
-def narrow(engine: Engine, target: Target, analytical: torch.Tensor, loss0: torch.Tensor, sigma: float,
-           settings: Settings, generator: torch.Generator, directions: int = 2) -> torch.Tensor:
+def narrow(
+    engine: Engine,
+    target: Target,
+    analytical: torch.Tensor,
+    loss0: torch.Tensor,
+    sigma: float,
+    settings: Settings,
+    generator: torch.Generator,
+    directions: int = 2,
+) -> torch.Tensor:
     """Flat indices of suspects: bisect with probes restricted to halves, keep the failing halves."""
     n = target.flat.numel()
     groups = [torch.arange(n, device=target.flat.device)]

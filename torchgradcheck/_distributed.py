@@ -44,8 +44,21 @@ __all__ = ["PLACEMENTS", "verify_distributed"]
 
 CALL = "verify_distributed(model, loss_fn, batch)"
 PLACEMENTS = ("replicated", "sharded")
-_OPTIONS = ("forward", "params", "inputs", "placement", "split", "group", "eps", "rtol", "atol", "dtype", "seed",
-            "engine", "progress")
+_OPTIONS = (
+    "forward",
+    "params",
+    "inputs",
+    "placement",
+    "split",
+    "group",
+    "eps",
+    "rtol",
+    "atol",
+    "dtype",
+    "seed",
+    "engine",
+    "progress",
+)
 # Replicated values (loss, gradients) may differ across ranks by this many units of roundoff
 # (relative to the largest magnitude) before they count as different: reduction order only.
 SAME_ULPS = 1e3
@@ -99,8 +112,9 @@ def agree_on_errors(message: str | None, group: Any) -> None:
     raise RankError(f"{CALL}: on rank {first[0]}: {first[1]}")
 
 
-def analytical(lent: Lent, objective: Objective, targets: list[Target],
-               seed: int) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+def analytical(
+    lent: Lent, objective: Objective, targets: list[Target], seed: int
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """`_verify.analytical` (collectives included in the forward and backward), errors naming this call."""
     return _verify.analytical(lent, objective, targets, seed, CALL)
 
@@ -110,8 +124,17 @@ def target_generator(seed: int, k: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + k)
 
 
-def _choose_engine(lent: Lent, objective: Objective, seed: int, name: str, targets: list[Target], loss0: torch.Tensor,
-                   slack: float, notes: list[str], tick: Tick) -> tuple[LoopEngine, Engine]:
+def _choose_engine(
+    lent: Lent,
+    objective: Objective,
+    seed: int,
+    name: str,
+    targets: list[Target],
+    loss0: torch.Tensor,
+    slack: float,
+    notes: list[str],
+    tick: Tick,
+) -> tuple[LoopEngine, Engine]:
     loop = LoopEngine(lent, objective, seed, tick)
     if name == "loop" or not targets:
         return loop, loop
@@ -130,17 +153,29 @@ def _choose_engine(lent: Lent, objective: Objective, seed: int, name: str, targe
     return loop, loop
 
 
-def run_split(lent: Lent, objective: Objective, targets: list[Target], settings: Settings, seed: int,
-              engine_name: str, group: Any, notes: list[str],
-              tick: Tick) -> tuple[list[ParameterResult], int, float, str]:
+def run_split(
+    lent: Lent,
+    objective: Objective,
+    targets: list[Target],
+    settings: Settings,
+    seed: int,
+    engine_name: str,
+    group: Any,
+    notes: list[str],
+    tick: Tick,
+) -> tuple[list[ParameterResult], int, float, str]:
     """Sharded check of a replicated model: each rank evaluates a slice of every tensor's elements."""
     rank, size = rank_and_size(group)
     loss0, grads = analytical(lent, objective, targets, seed)
     flat = [grads[t.name] for t in targets]
     has_grad = [g is not None for g in flat]
-    mine = torch.cat([loss0.reshape(1).cpu()] + [g.cpu() if g is not None else torch.zeros(t.tensor.numel(),
-                                                                                            dtype=torch.float64)
-                                                  for g, t in zip(flat, targets)])
+    mine = torch.cat(
+        [loss0.reshape(1).cpu()]
+        + [
+            g.cpu() if g is not None else torch.zeros(t.tensor.numel(), dtype=torch.float64)
+            for g, t in zip(flat, targets)
+        ]
+    )
     # Every rank judges rank 0's gradients, so every rank reaches the same verdict; the model must
     # really be replicated, which shows as (nearly) identical losses and gradients.
     theirs = mine.to(comm_device(group)).clone()
@@ -157,9 +192,17 @@ def run_split(lent: Lent, objective: Objective, targets: list[Target], settings:
     payload: list[torch.Tensor] = []
     sigmas: list[float] = []
     message = None
-    loop, engine = _choose_engine(lent, objective, seed, engine_name, targets, loss0,
-                                  1e4 * unit_roundoff(targets[0].tensor.dtype if targets else torch.float64)
-                                  * abs(float(loss0)), notes, tick)
+    loop, engine = _choose_engine(
+        lent,
+        objective,
+        seed,
+        engine_name,
+        targets,
+        loss0,
+        1e4 * unit_roundoff(targets[0].tensor.dtype if targets else torch.float64) * abs(float(loss0)),
+        notes,
+        tick,
+    )
     try:
         _, nondet = loop.loss_twice()
         offset = 1
@@ -176,8 +219,10 @@ def run_split(lent: Lent, objective: Objective, targets: list[Target], settings:
         payload, sigmas = [], [0.0] * len(targets)
     agree_on_errors(message, group)
     evaluations = loop.evaluations + (engine.evaluations if engine is not loop else 0)
-    local = torch.cat([torch.tensor([float(evaluations), *sigmas], dtype=torch.float64)]
-                      + [p.detach().to("cpu", torch.float64) for p in payload])
+    local = torch.cat(
+        [torch.tensor([float(evaluations), *sigmas], dtype=torch.float64)]
+        + [p.detach().to("cpu", torch.float64) for p in payload]
+    )
     gathered = _all_gather_padded(local, group)
     results: list[ParameterResult] = []
     all_a, all_n = [], []
@@ -200,8 +245,10 @@ def run_split(lent: Lent, objective: Objective, targets: list[Target], settings:
         results.append(summarise(t, TensorCheck(a, numerical, tolerance, kink.bool(), sigma), has_grad[k]))
         all_a.append(a[~kink.bool()])
         all_n.append(numerical[~kink.bool()])
-    notes.append(f"split: the elements of every tensor were divided among {size} ranks (at most {busiest:,} "
-                 "evaluations per rank); every rank holds this report")
+    notes.append(
+        f"split: the elements of every tensor were divided among {size} ranks (at most {busiest:,} "
+        "evaluations per rank); every rank holds this report"
+    )
     overall = relative_error(torch.cat(all_a), torch.cat(all_n)) if all_a else 0.0
     return results, total_evaluations, overall, engine.name
 
@@ -306,8 +353,10 @@ def verify_distributed(
             f"{dtype} gradients. Convert the model before wrapping it (DDP(model.double())), or pass dtype=None."
         )
     if not split and engine == "vmap":
-        raise InvalidArgumentError(f"{CALL}: engine='vmap' needs split=True: a distributed model runs every "
-                                   "forward on every rank in lockstep, one at a time (use engine='auto').")
+        raise InvalidArgumentError(
+            f"{CALL}: engine='vmap' needs split=True: a distributed model runs every "
+            "forward on every rank in lockstep, one at a time (use engine='auto')."
+        )
     checked, skipped, objective = _verify.prepare(CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
     with preserved_global_state(), lend_model(model, dtype) as lent:
         if dtype == torch.float64:
@@ -323,22 +372,40 @@ def verify_distributed(
         total = sum(2 * t.tensor.numel() + NOISE_POINTS for t in targets) // (size if split else 1)
         with progress_bar(total, progress if rank == 0 else False, "verify_distributed") as bar:
             if split:
-                results, evaluations, overall, engine_used = run_split(lent, objective, targets, settings, seed,
-                                                                       engine, group, notes, bar.update)
+                results, evaluations, overall, engine_used = run_split(
+                    lent, objective, targets, settings, seed, engine, group, notes, bar.update
+                )
             else:
                 from ._placement import run_lockstep
 
-                results, evaluations, overall = run_lockstep(lent, objective, targets, placement, is_ddp, settings,
-                                                             seed, group, notes, bar.update)
+                results, evaluations, overall = run_lockstep(
+                    lent, objective, targets, placement, is_ddp, settings, seed, group, notes, bar.update
+                )
                 engine_used = "lockstep loop"
         seconds = float(reduced(torch.tensor([time.perf_counter() - start]), dist.ReduceOp.MAX, group)[0])
     table = dict(model.named_parameters(remove_duplicate=False))
     results += [ParameterResult(name=n, shape=tuple(table[n].shape), status="skipped", note=why) for n, why in skipped]
-    options = {"dtype": str(dtype or work_dtype).replace("torch.", ""), "device": str(work_device(targets)),
-               "eps": eps_, "rtol": rtol_, "atol": atol, "seed": seed, "mode": "full", "ranks": size,
-               "split": split}
-    return Report(call="verify_distributed", results=tuple(results), relative_error=overall, options=options,
-                  evaluations=evaluations, seconds=seconds, engine=engine_used, notes=tuple(notes))
+    options = {
+        "dtype": str(dtype or work_dtype).replace("torch.", ""),
+        "device": str(work_device(targets)),
+        "eps": eps_,
+        "rtol": rtol_,
+        "atol": atol,
+        "seed": seed,
+        "mode": "full",
+        "ranks": size,
+        "split": split,
+    }
+    return Report(
+        call="verify_distributed",
+        results=tuple(results),
+        relative_error=overall,
+        options=options,
+        evaluations=evaluations,
+        seconds=seconds,
+        engine=engine_used,
+        notes=tuple(notes),
+    )
 
 
 def work_device(targets: list[Target]) -> torch.device:

@@ -59,8 +59,18 @@ from ._verify import _vmap_agrees
 __all__ = ["verify_function"]
 
 _CALL = "verify_function(fn, *args, **kwargs)"
-OPTIONS = ("eps", "rtol", "atol", "nondet_tol", "seed", "engine", "second_order", "forward_mode",
-           "noncontiguous", "progress")
+OPTIONS = (
+    "eps",
+    "rtol",
+    "atol",
+    "nondet_tol",
+    "seed",
+    "engine",
+    "second_order",
+    "forward_mode",
+    "noncontiguous",
+    "progress",
+)
 DTYPE = torch.float64
 _STREAM = 0x5DEECE66D  # offsets the seed of the random cotangents (see _run)
 
@@ -202,8 +212,15 @@ def _validate(fn: Any, args: tuple, kwargs: dict, options: dict[str, Any]) -> No
         raise InvalidArgumentTypeError(
             f"{_CALL}: fn must be callable (e.g. MyFunction.apply) but got fn={fn!r} (type={type(fn).__name__})."
         )
-    validate_common("verify_function", eps=options["eps"], rtol=options["rtol"], atol=options["atol"],
-                    dtype=DTYPE, seed=options["seed"], engine=options["engine"])
+    validate_common(
+        "verify_function",
+        eps=options["eps"],
+        rtol=options["rtol"],
+        atol=options["atol"],
+        dtype=DTYPE,
+        seed=options["seed"],
+        engine=options["engine"],
+    )
     for flag in ("second_order", "forward_mode", "noncontiguous"):
         if not isinstance(options[flag], bool):
             raise InvalidArgumentTypeError(f"{_CALL}: {flag}= must be True or False, got {options[flag]!r}.")
@@ -287,8 +304,17 @@ def verify_function(
         True
     """
     start = time.perf_counter()
-    options = {"eps": eps, "rtol": rtol, "atol": atol, "nondet_tol": nondet_tol, "seed": seed, "engine": engine,
-               "second_order": second_order, "forward_mode": forward_mode, "noncontiguous": noncontiguous}
+    options = {
+        "eps": eps,
+        "rtol": rtol,
+        "atol": atol,
+        "nondet_tol": nondet_tol,
+        "seed": seed,
+        "engine": engine,
+        "second_order": second_order,
+        "forward_mode": forward_mode,
+        "noncontiguous": noncontiguous,
+    }
     _validate(fn, args, kwargs, options)
     pos_names, kw_names = _argument_names(fn, args, kwargs)
     slots: list[_Slot] = []
@@ -339,8 +365,18 @@ def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]
     return raw, outs
 
 
-def _pick_engine(lent: Lent, objective: Objective, target: Target, seed: int, tick: Any, wanted: str,
-                 loss0: torch.Tensor, nondet: float, loop: LoopEngine, notes: list[str]) -> Engine:
+def _pick_engine(
+    lent: Lent,
+    objective: Objective,
+    target: Target,
+    seed: int,
+    tick: Any,
+    wanted: str,
+    loss0: torch.Tensor,
+    nondet: float,
+    loop: LoopEngine,
+    notes: list[str],
+) -> Engine:
     """vmap if it runs ``fn`` and reproduces the plain loss (as in `verify_module`), else the loop."""
     if wanted == "loop":
         return loop
@@ -356,8 +392,9 @@ def _pick_engine(lent: Lent, objective: Objective, target: Target, seed: int, ti
     return loop
 
 
-def _bad_returns(found: dict[str, tuple[str, str]], results: list[ParameterResult], pairs: list[tuple[int, str]],
-                 slots: list[_Slot]) -> list[ParameterResult]:
+def _bad_returns(
+    found: dict[str, tuple[str, str]], results: list[ParameterResult], pairs: list[tuple[int, str]], slots: list[_Slot]
+) -> list[ParameterResult]:
     """Mark the rows of inputs whose gradient ``backward`` returned with a wrong dtype/shape/device.
 
     A wrong gradient returned by a Function deeper inside ``fn`` (not straight to a checked input)
@@ -385,13 +422,21 @@ def _raised_report(call: _Call, found: dict[str, tuple[str, str]], exc: Exceptio
             status, note = found[s.key]
         else:
             status, note = "skipped", "not checked: the backward raised (see the other rows)"
-        rows.append(ParameterResult(name=f"grad w.r.t. {s.name}", shape=tuple(s.original.shape), status=status,
-                                    kind="input", note=note))
+        rows.append(
+            ParameterResult(
+                name=f"grad w.r.t. {s.name}", shape=tuple(s.original.shape), status=status, kind="input", note=note
+            )
+        )
     rows += _bad_returns({k: v for k, v in found.items() if k not in {s.key for s in call.slots}}, [], [], call.slots)
     first = (str(exc).splitlines() or [""])[0][:200]
-    return Report(call="verify_function", results=tuple(rows), relative_error=float("nan"),
-                  options={"dtype": "float64"}, seconds=time.perf_counter() - start,
-                  notes=(f"autograd raised {type(exc).__name__}: {first}",))
+    return Report(
+        call="verify_function",
+        results=tuple(rows),
+        relative_error=float("nan"),
+        options={"dtype": "float64"},
+        seconds=time.perf_counter() - start,
+        notes=(f"autograd raised {type(exc).__name__}: {first}",),
+    )
 
 
 def _extra_checks(ex: Extras, options: dict[str, Any], first_ok: bool) -> list[ParameterResult]:
@@ -409,8 +454,10 @@ def _extra_checks(ex: Extras, options: dict[str, Any], first_ok: bool) -> list[P
     else:
         once = once_differentiable_nodes([t for _, t in _outputs(ex.call, ex.seed)[1]])
         if once:
-            ex.notes.append(f"second order: not checked: the backward of {', '.join(sorted(once))} is "
-                            "@once_differentiable (information, not a failure)")
+            ex.notes.append(
+                f"second order: not checked: the backward of {', '.join(sorted(once))} is "
+                "@once_differentiable (information, not a failure)"
+            )
         else:
             rows += check_second_order(ex)
     if options["forward_mode"]:
@@ -426,8 +473,9 @@ def _extra_checks(ex: Extras, options: dict[str, Any], first_ok: bool) -> list[P
     return rows
 
 
-def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], progress: bool | None,
-         start: float) -> Report:
+def _run(
+    call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], progress: bool | None, start: float
+) -> Report:
     seed = options["seed"]
     object.__setattr__(call, "reset_buffers", lent.reset_buffers)
     # Not torch.manual_seed(seed)'s stream: a caller who drew x with seed 0 would get v == x, and a
@@ -440,22 +488,40 @@ def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], p
     names = {s.key: s.name for s in call.slots}
     leaves = call.leaves()
     try:
-        losses, grads = vjp_at(call, leaves, cotangents, seed,
-                               before_backward=lambda o: spy_backward(list(o.values()), leaves, names, found))
+        losses, grads = vjp_at(
+            call,
+            leaves,
+            cotangents,
+            seed,
+            before_backward=lambda o: spy_backward(list(o.values()), leaves, names, found),
+        )
     except RuntimeError as exc:
         if not found:
             raise
         return _raised_report(call, found, exc, start)
     torch.set_grad_enabled(False)
-    notes = [f"{s.name} is an expanded tensor (overlapping memory): its elements were checked as independent "
-             "values of a contiguous copy" for s in call.slots if s.expanded]
+    notes = [
+        f"{s.name} is an expanded tensor (overlapping memory): its elements were checked as independent "
+        "values of a contiguous copy"
+        for s in call.slots
+        if s.expanded
+    ]
     results: list[ParameterResult] = []
     pairs: list[tuple[int, str]] = []
     checks: dict[tuple[int, str], Any] = {}
     evaluations = 0
     engines = set()
-    ex = Extras(call=call, cotangents=cotangents, grads=grads, checks=checks, settings=settings, seed=seed,
-                generator=generator, several=several, notes=notes)
+    ex = Extras(
+        call=call,
+        cotangents=cotangents,
+        grads=grads,
+        checks=checks,
+        settings=settings,
+        seed=seed,
+        generator=generator,
+        several=several,
+        notes=notes,
+    )
     total = sum(len(cotangents) * (2 * s.original.numel() + NOISE_POINTS) for s in call.slots)
     with progress_bar(total, progress, "verify_function") as bar:
         tick = bar.update
@@ -464,13 +530,16 @@ def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], p
             loop = LoopEngine(lent, objective, seed, tick)
             _, nondet = loop.loss_twice()
             if nondet > 0:
-                notes.append(f"the forward of {ex.output(k)} is nondeterministic: two identical evaluations "
-                             f"differ by {nondet:.2e}; tolerances widened by this noise")
+                notes.append(
+                    f"the forward of {ex.output(k)} is nondeterministic: two identical evaluations "
+                    f"differ by {nondet:.2e}; tolerances widened by this noise"
+                )
             for s in call.slots:
                 param = getattr(call, s.key)
                 target = Target(s.key, param.data, kind="parameter", param=param)
-                engine = _pick_engine(lent, objective, target, seed, tick, options["engine"], losses[k], nondet,
-                                      loop, notes)
+                engine = _pick_engine(
+                    lent, objective, target, seed, tick, options["engine"], losses[k], nondet, loop, notes
+                )
                 a = grads[k][s.key]
                 flat = torch.zeros(param.numel(), dtype=DTYPE, device=param.device) if a is None else a
                 try:
@@ -494,8 +563,22 @@ def _run(call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], p
     results += determinism_results(ex, options["nondet_tol"])
     kept = [(c.analytical[~c.kink], c.numerical[~c.kink]) for c in checks.values()]
     overall = relative_error(torch.cat([a for a, _ in kept]), torch.cat([n for _, n in kept]))
-    opts = {"dtype": "float64", "device": str(call.slots[0].original.device), "eps": settings.eps,
-            "rtol": settings.rtol, "atol": settings.atol, "seed": seed, "mode": "full"}
-    return Report(call="verify_function", results=tuple(results), relative_error=overall, options=opts,
-                  evaluations=evaluations + ex.evaluations, seconds=time.perf_counter() - start,
-                  engine="vmap" if engines == {"vmap"} else "loop", notes=tuple(notes))
+    opts = {
+        "dtype": "float64",
+        "device": str(call.slots[0].original.device),
+        "eps": settings.eps,
+        "rtol": settings.rtol,
+        "atol": settings.atol,
+        "seed": seed,
+        "mode": "full",
+    }
+    return Report(
+        call="verify_function",
+        results=tuple(results),
+        relative_error=overall,
+        options=opts,
+        evaluations=evaluations + ex.evaluations,
+        seconds=time.perf_counter() - start,
+        engine="vmap" if engines == {"vmap"} else "loop",
+        notes=tuple(notes),
+    )

@@ -47,6 +47,8 @@ __all__ = [
 
 DTYPE = torch.float64
 _ONCE_CODE = once_differentiable(lambda ctx: None).__code__
+
+
 @dataclass
 class Extras:
     """What the extra checks need from the first-order check."""
@@ -75,9 +77,13 @@ def float_outputs(out: Any) -> list[tuple[int, torch.Tensor]]:
     return [(i, t) for i, t in enumerate(items) if isinstance(t, torch.Tensor) and t.is_floating_point()]
 
 
-def vjp_at(call: Any, values: dict[str, torch.Tensor], cotangents: dict[int, torch.Tensor], seed: int,
-           before_backward: Callable[[dict[int, torch.Tensor]], None] | None = None,
-           ) -> tuple[dict[int, torch.Tensor], dict[int, dict[str, torch.Tensor | None]]]:
+def vjp_at(
+    call: Any,
+    values: dict[str, torch.Tensor],
+    cotangents: dict[int, torch.Tensor],
+    seed: int,
+    before_backward: Callable[[dict[int, torch.Tensor]], None] | None = None,
+) -> tuple[dict[int, torch.Tensor], dict[int, dict[str, torch.Tensor | None]]]:
     """One forward at `values` (leaves requiring grad), then ``J_k^T v_k`` per output: (objectives, grads)."""
     with torch.enable_grad():
         call.prepare(seed)
@@ -90,8 +96,11 @@ def vjp_at(call: Any, values: dict[str, torch.Tensor], cotangents: dict[int, tor
         for k, v in cotangents.items():
             loss = (v * outs[k].to(DTYPE)).sum()
             losses[k] = loss.detach()
-            got = (torch.autograd.grad(loss, [values[q] for q in keys], allow_unused=True, retain_graph=True)
-                   if loss.requires_grad else [None] * len(keys))
+            got = (
+                torch.autograd.grad(loss, [values[q] for q in keys], allow_unused=True, retain_graph=True)
+                if loss.requires_grad
+                else [None] * len(keys)
+            )
             grads[k] = {q: None if g is None else g.detach().to(DTYPE).reshape(-1).clone() for q, g in zip(keys, got)}
     return losses, grads
 
@@ -123,8 +132,12 @@ def once_differentiable_nodes(outputs: list[torch.Tensor]) -> set[str]:
     return names
 
 
-def spy_backward(outputs: list[torch.Tensor], leaves: dict[str, torch.Tensor], names: dict[str, str],
-                 found: dict[str, tuple[str, str]]) -> None:
+def spy_backward(
+    outputs: list[torch.Tensor],
+    leaves: dict[str, torch.Tensor],
+    names: dict[str, str],
+    found: dict[str, tuple[str, str]],
+) -> None:
     """Record into `found` what custom backwards return with a wrong dtype, device or shape.
 
     Autograd casts a gradient of the wrong dtype to the input's dtype without a word, and sums a
@@ -155,8 +168,9 @@ def spy_backward(outputs: list[torch.Tensor], leaves: dict[str, torch.Tensor], n
             node.apply = _spy(node, fname, edges, found)
 
 
-def _spy(node: Any, fname: str, edges: dict[int, tuple[str, str, Any]],
-         found: dict[str, tuple[str, str]]) -> Callable[..., Any]:
+def _spy(
+    node: Any, fname: str, edges: dict[int, tuple[str, str, Any]], found: dict[str, tuple[str, str]]
+) -> Callable[..., Any]:
     real = type(node).apply
 
     def apply(*grad_outputs: Any) -> Any:
@@ -169,13 +183,18 @@ def _spy(node: Any, fname: str, edges: dict[int, tuple[str, str, Any]],
             said = f"backward of {fname} returned a gradient for {label}"
             shape = tuple(want.shape)
             if g.dtype != want.dtype:
-                found[key] = ("wrong dtype", f"{said} of dtype {_dt(g.dtype)}, but {label} is {_dt(want.dtype)} "
-                                             "(autograd casts it silently)")
+                found[key] = (
+                    "wrong dtype",
+                    f"{said} of dtype {_dt(g.dtype)}, but {label} is {_dt(want.dtype)} (autograd casts it silently)",
+                )
             elif g.device != torch.device(want.device):
                 found[key] = ("wrong device", f"{said} on {g.device}, but {label} is on {want.device}")
             elif tuple(g.shape) != shape:
-                found[key] = ("wrong shape", f"{said} of shape {tuple(g.shape)}, but {label} has shape "
-                                             f"{shape} (autograd sums a broadcastable one down silently, or raises)")
+                found[key] = (
+                    "wrong shape",
+                    f"{said} of shape {tuple(g.shape)}, but {label} has shape "
+                    f"{shape} (autograd sums a broadcastable one down silently, or raises)",
+                )
         return out
 
     return apply
@@ -237,8 +256,9 @@ def judge_directional(ex: Extras, problem: Directional) -> list[ParameterResult]
     noise = [at(j * noise_step) for j in range(-(NOISE_POINTS // 2), NOISE_POINTS // 2 + 1)]
     rows = []
     for key, a in problem.analytical.items():
-        sigma = torch.maximum(noise_per_column(torch.stack([p[key] for p in noise])),
-                              unit_roundoff(DTYPE) * center[key].abs())
+        sigma = torch.maximum(
+            noise_per_column(torch.stack([p[key] for p in noise])), unit_roundoff(DTYPE) * center[key].abs()
+        )
         span = torch.full_like(a, 2 * h)
         numerical = (steps[1][key] - steps[-1][key]) / span
         tol = first_tolerance(numerical, span, sigma, ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
@@ -248,8 +268,17 @@ def judge_directional(ex: Extras, problem: Directional) -> list[ParameterResult]
             w = bad.nonzero().flatten()
             pts = [steps[-2][key][w], steps[-1][key][w], center[key][w], steps[1][key][w], steps[2][key][w]]
             wide = (pts[4] - pts[0]) / (4 * h)
-            j = judge_second_look(a[w], numerical[w], span[w] / 2, span[w], torch.stack(pts, 1), wide, sigma[w],
-                                  ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
+            j = judge_second_look(
+                a[w],
+                numerical[w],
+                span[w] / 2,
+                span[w],
+                torch.stack(pts, 1),
+                wide,
+                sigma[w],
+                ex.settings.rtol,
+                ex.settings.atol,
+            )  # type: ignore[arg-type]
             numerical, tol = numerical.clone(), tol.clone()
             numerical[w], tol[w], kink[w] = j.numerical, j.tolerance, j.kink
         check = TensorCheck(analytical=a, numerical=numerical, tolerance=tol, kink=kink, sigma=float(sigma.max()))
@@ -275,31 +304,47 @@ def check_forward_mode(ex: Extras) -> list[ParameterResult]:
                 call.prepare(ex.seed)
                 outs = float_outputs(call.call_with({**base, s.key: fwAD.make_dual(x, d)}))
                 raw = {k: fwAD.unpack_dual(t).tangent for k, t in outs}
-                tangents = {k: (torch.zeros(t.numel(), dtype=DTYPE, device=t.device) if raw[k] is None
-                                else raw[k].detach().to(DTYPE).reshape(-1).clone()) for k, t in outs}
+                tangents = {
+                    k: (
+                        torch.zeros(t.numel(), dtype=DTYPE, device=t.device)
+                        if raw[k] is None
+                        else raw[k].detach().to(DTYPE).reshape(-1).clone()
+                    )
+                    for k, t in outs
+                }
                 shapes = {k: tuple(t.shape) for k, t in outs}
         except (NotImplementedError, RuntimeError) as exc:
             first = (str(exc).splitlines() or [""])[0][:160]
             if _own_jvp(call.fn) and not isinstance(exc, NotImplementedError):
                 # the Function's own jvp crashed: that is a finding, never "not available"
-                rows.append(ParameterResult(name=f"jvp: w.r.t. {s.name}", shape=tuple(x.shape), status="error",
-                                            kind="forward mode",
-                                            note=f"the jvp raised {type(exc).__name__}: {first}"))
+                rows.append(
+                    ParameterResult(
+                        name=f"jvp: w.r.t. {s.name}",
+                        shape=tuple(x.shape),
+                        status="error",
+                        kind="forward mode",
+                        note=f"the jvp raised {type(exc).__name__}: {first}",
+                    )
+                )
                 continue
-            ex.notes.append(f"forward mode: not checked for {s.name}: forward-mode AD is not available "
-                            f"({type(exc).__name__}: {first})")
+            ex.notes.append(
+                f"forward mode: not checked for {s.name}: forward-mode AD is not available "
+                f"({type(exc).__name__}: {first})"
+            )
             continue
 
-        def at(t: float, s: Any = s, x: torch.Tensor = x, d: torch.Tensor = d,
-               keys: Any = tuple(tangents)) -> dict[Any, torch.Tensor]:
+        def at(
+            t: float, s: Any = s, x: torch.Tensor = x, d: torch.Tensor = d, keys: Any = tuple(tangents)
+        ) -> dict[Any, torch.Tensor]:
             with torch.no_grad():
                 call.prepare(ex.seed)
                 out = dict(float_outputs(call.call_with({**base, s.key: x + t * d})))
                 return {k: out[k].detach().to(DTYPE).reshape(-1) for k in keys}
 
         names = {k: f"jvp of {ex.output(k)} along {s.name}" for k in tangents}
-        rows += judge_directional(ex, Directional(at, tangents, dict.fromkeys(tangents, True), names, shapes,
-                                                  "forward mode"))
+        rows += judge_directional(
+            ex, Directional(at, tangents, dict.fromkeys(tangents, True), names, shapes, "forward mode")
+        )
     ex.notes.append("forward mode: jvp checked against directional finite differences")
     return rows
 
@@ -341,10 +386,17 @@ def check_noncontiguous(ex: Extras) -> list[ParameterResult]:
         _, grads = vjp_at(call, values, ex.cotangents, ex.seed)
     except Exception as exc:  # the point of this check: a backward that can't take strided inputs
         first = (str(exc).splitlines() or [""])[0][:200]
-        return [ParameterResult(name=f"non-contiguous: {ex.pair(k, s.name)}", shape=tuple(s.original.shape),
-                                status="error", kind="non-contiguous",
-                                note=f"fn raised {type(exc).__name__} with non-contiguous inputs ({names}): {first}")
-                for k in ex.cotangents for s in changed]
+        return [
+            ParameterResult(
+                name=f"non-contiguous: {ex.pair(k, s.name)}",
+                shape=tuple(s.original.shape),
+                status="error",
+                kind="non-contiguous",
+                note=f"fn raised {type(exc).__name__} with non-contiguous inputs ({names}): {first}",
+            )
+            for k in ex.cotangents
+            for s in changed
+        ]
     ex.notes.append(f"non-contiguous inputs: backward rerun with transposed/strided copies of {names}")
     rows = []
     for k in ex.cotangents:
@@ -375,11 +427,16 @@ def determinism_results(ex: Extras, nondet_tol: float) -> list[ParameterResult]:
                 diff = 0.0 if a is None or b is None or a.numel() == 0 else float((a - b).abs().max())
             worst = max(worst, diff)
             if not diff <= nondet_tol:
-                rows.append(ParameterResult(
-                    name=f"determinism: {ex.pair(k, s.name)}", shape=tuple(s.original.shape),
-                    status="nondeterministic", max_abs_error=diff, kind="determinism",
-                    note=f"two runs of the backward differ by up to {diff:.2e} > nondet_tol={nondet_tol:g}",
-                ))
+                rows.append(
+                    ParameterResult(
+                        name=f"determinism: {ex.pair(k, s.name)}",
+                        shape=tuple(s.original.shape),
+                        status="nondeterministic",
+                        max_abs_error=diff,
+                        kind="determinism",
+                        note=f"two runs of the backward differ by up to {diff:.2e} > nondet_tol={nondet_tol:g}",
+                    )
+                )
     if not rows:
         same = "identical gradients" if worst == 0 else f"gradients within {worst:.1e} (nondet_tol={nondet_tol:g})"
         ex.notes.append(f"determinism: the backward run twice gives {same}")

@@ -27,13 +27,16 @@ from ._report import ParameterResult
 
 __all__ = ["check_second_order"]
 
-_CUT_OFF = ("autograd cannot differentiate the backward w.r.t. this input, but its result depends on it: "
-            "the backward cuts it off (.detach(), torch.no_grad() or .data on a saved tensor); mark the "
-            "backward @once_differentiable if that is intended")
+_CUT_OFF = (
+    "autograd cannot differentiate the backward w.r.t. this input, but its result depends on it: "
+    "the backward cuts it off (.detach(), torch.no_grad() or .data on a saved tensor); mark the "
+    "backward @once_differentiable if that is intended"
+)
 
 
-def _backward_at(call: Any, values: dict[str, torch.Tensor], k: int, v: torch.Tensor, seed: int,
-                 create_graph: bool) -> dict[str, torch.Tensor | None]:
+def _backward_at(
+    call: Any, values: dict[str, torch.Tensor], k: int, v: torch.Tensor, seed: int, create_graph: bool
+) -> dict[str, torch.Tensor | None]:
     """``G(x)``: the gradients of ``<v, out_k>`` w.r.t. every checked input, at `values` (leaves)."""
     with torch.enable_grad():
         call.prepare(seed)
@@ -57,19 +60,33 @@ def check_second_order(ex: Extras) -> list[ParameterResult]:
         leaves = {key: x.clone().requires_grad_(True) for key, x in base.items()}
         g = _backward_at(call, leaves, k, v, ex.seed, create_graph=True)
         with torch.enable_grad():
-            dot = sum(((d[q] * t.to(DTYPE)).sum() for q, t in g.items() if t is not None),
-                      torch.zeros((), dtype=DTYPE))
-            got = (torch.autograd.grad(dot, list(leaves.values()), allow_unused=True)
-                   if dot.requires_grad else [None] * len(leaves))
-        analytical = {q: (torch.zeros(base[q].numel(), dtype=DTYPE, device=base[q].device) if a is None
-                          else a.detach().to(DTYPE).reshape(-1)) for q, a in zip(leaves, got)}
+            dot = sum(((d[q] * t.to(DTYPE)).sum() for q, t in g.items() if t is not None), torch.zeros((), dtype=DTYPE))
+            got = (
+                torch.autograd.grad(dot, list(leaves.values()), allow_unused=True)
+                if dot.requires_grad
+                else [None] * len(leaves)
+            )
+        analytical = {
+            q: (
+                torch.zeros(base[q].numel(), dtype=DTYPE, device=base[q].device)
+                if a is None
+                else a.detach().to(DTYPE).reshape(-1)
+            )
+            for q, a in zip(leaves, got)
+        }
         has_grad = {q: a is not None for q, a in zip(leaves, got)}
 
         def at(t: float, k: int = k, v: torch.Tensor = v) -> dict[Any, torch.Tensor]:
             moved = {q: (x + t * d[q]).requires_grad_(True) for q, x in base.items()}
             grads = _backward_at(call, moved, k, v, ex.seed, create_graph=False)
-            return {q: (torch.zeros(base[q].numel(), dtype=DTYPE, device=base[q].device) if g is None
-                        else g.detach().to(DTYPE).reshape(-1)) for q, g in grads.items()}
+            return {
+                q: (
+                    torch.zeros(base[q].numel(), dtype=DTYPE, device=base[q].device)
+                    if g is None
+                    else g.detach().to(DTYPE).reshape(-1)
+                )
+                for q, g in grads.items()
+            }
 
         names = {s.key: f"2nd order: {ex.pair(k, s.name)}" for s in call.slots}
         for row in judge_directional(ex, Directional(at, analytical, has_grad, names, shapes, "second order")):
@@ -78,6 +95,7 @@ def check_second_order(ex: Extras) -> list[ParameterResult]:
             elif row.status == "unused":
                 row = dataclasses.replace(row, note="the second derivative is zero here (no dependence)")
             rows.append(row)
-    ex.notes.append("second order: double backward checked along a random direction against finite differences "
-                    "of the backward")
+    ex.notes.append(
+        "second order: double backward checked along a random direction against finite differences of the backward"
+    )
     return rows

@@ -94,8 +94,16 @@ class Localisation:
     def table(self) -> str:
         rows = [("module", "type", "status", "rel.err", "wrong", "custom Function")]
         for s in self.checked:
-            rows.append((s.name, s.type, s.status + (f" ({s.note})" if s.note and s.status != "ok" else ""),
-                         _fmt(s.relative_error), ", ".join(s.wrong) or "-", ", ".join(s.functions) or "-"))
+            rows.append(
+                (
+                    s.name,
+                    s.type,
+                    s.status + (f" ({s.note})" if s.note and s.status != "ok" else ""),
+                    _fmt(s.relative_error),
+                    ", ".join(s.wrong) or "-",
+                    ", ".join(s.functions) or "-",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  " + "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -153,9 +161,15 @@ def _capture(model: nn.Module, objective: Objective) -> tuple[list[_Call], Any]:
         name = _display(names[id(module)]) + (f"#{k}" if k > 1 else "")
         leaves, spec = pytree.tree_flatten((args, kwargs))
         carries = [isinstance(x, torch.Tensor) and x.is_floating_point() and x.requires_grad for x in leaves]
-        call = _Call(name, module, stack[-1] if stack else None, spec,
-                     [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves], carries,
-                     [x.grad_fn for x, c in zip(leaves, carries) if c and x.grad_fn is not None])
+        call = _Call(
+            name,
+            module,
+            stack[-1] if stack else None,
+            spec,
+            [x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves],
+            carries,
+            [x.grad_fn for x, c in zip(leaves, carries) if c and x.grad_fn is not None],
+        )
         call.versions = {id(x): x._version for x in leaves if isinstance(x, torch.Tensor)}
         calls.append(call)
         stack.append(call)
@@ -163,8 +177,9 @@ def _capture(model: nn.Module, objective: Objective) -> tuple[list[_Call], Any]:
     def post(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         call = stack.pop()
         outs, call.out_spec = pytree.tree_flatten(output)
-        call.out_grad = [i for i, t in enumerate(outs)
-                         if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad]
+        call.out_grad = [
+            i for i, t in enumerate(outs) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
+        ]
         # returned an input itself, unmodified (in-place modules bump its version: they computed something)
         versions = call.versions or {}
         call.passthrough = bool(call.out_grad) and all(
@@ -245,14 +260,17 @@ class _Probe(nn.Module):
     with the number of tensors; a failure then says "somewhere in this module", not which tensor.
     """
 
-    def __init__(self, call: _Call, generator: torch.Generator, max_elements: int, directions: int,
-                 joint: bool = False) -> None:
+    def __init__(
+        self, call: _Call, generator: torch.Generator, max_elements: int, directions: int, joint: bool = False
+    ) -> None:
         super().__init__()
         self.site = call.module
         self.spec, self.leaves = call.spec, list(call.leaves or ())
         self.out_grad = list(call.out_grad or ())
-        self.upstream = [torch.randn(shape, generator=generator, dtype=dtype).to(device)
-                         for shape, dtype, device in call.out_like or ()]
+        self.upstream = [
+            torch.randn(shape, generator=generator, dtype=dtype).to(device)
+            for shape, dtype, device in call.out_like or ()
+        ]
         sources: list[tuple[str, int | str, torch.Tensor]] = [
             (_input_name(call, i), i, x) for i, (x, c) in enumerate(zip(self.leaves, call.carries or ())) if c
         ]
@@ -266,8 +284,9 @@ class _Probe(nn.Module):
         self.rebuilds: dict[int | str, tuple[str, torch.Tensor | None, str]] = {}
         if joint and sources:
             first = sources[0][2]
-            self.register_parameter("joint", nn.Parameter(torch.zeros(directions, dtype=first.dtype,
-                                                                      device=first.device)))
+            self.register_parameter(
+                "joint", nn.Parameter(torch.zeros(directions, dtype=first.dtype, device=first.device))
+            )
             self.checked["joint"] = f"all {len(sources)} tensors (jointly)"
         for j, (label, where, x) in enumerate(sources):
             if joint:
@@ -320,16 +339,32 @@ def _input_name(call: _Call, i: int) -> str:
     return ("input" + text[3:]) if text.startswith("[0]") else ("kwargs" + text[3:])
 
 
-def _check(call: _Call, dtype: torch.dtype | None, seed: int, engine: str, max_elements: int,
-           directions: int, joint: bool = False) -> SiteVerdict:
+def _check(
+    call: _Call,
+    dtype: torch.dtype | None,
+    seed: int,
+    engine: str,
+    max_elements: int,
+    directions: int,
+    joint: bool = False,
+) -> SiteVerdict:
     from ._verify import verify_module  # here: _verify may import this module
 
     start = time.perf_counter()
     name, kind = call.name, type(call.module).__name__
 
     def verdict(status: str, note: str, **kw: Any) -> SiteVerdict:
-        return SiteVerdict(name, kind, kw.pop("passed", None), kw.pop("rel", None), status,
-                           functions=call.functions, note=note, seconds=time.perf_counter() - start, **kw)
+        return SiteVerdict(
+            name,
+            kind,
+            kw.pop("passed", None),
+            kw.pop("rel", None),
+            status,
+            functions=call.functions,
+            note=note,
+            seconds=time.perf_counter() - start,
+            **kw,
+        )
 
     if not call.out_grad:
         return verdict("skipped", "its output carries no gradient")
@@ -337,14 +372,23 @@ def _check(call: _Call, dtype: torch.dtype | None, seed: int, engine: str, max_e
     if not probe.checked:
         return verdict("skipped", "no input carries gradient and it has no trainable parameter")
     try:
-        report = verify_module(probe, forward=_probe_loss, batch=None, params=sorted(probe.checked), dtype=dtype,
-                               seed=seed, engine=engine, progress=False, mode="full", localise=False)
+        report = verify_module(
+            probe,
+            forward=_probe_loss,
+            batch=None,
+            params=sorted(probe.checked),
+            dtype=dtype,
+            seed=seed,
+            engine=engine,
+            progress=False,
+            mode="full",
+            localise=False,
+        )
     except Exception as exc:  # a site that can't run alone must not hide the main report
         return verdict("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
     wrong = tuple(probe.checked[r.name] for r in report.failures)
     status = "wrong" if wrong else ("inconclusive" if any(r.status == "inconclusive" for r in report.results) else "ok")
-    return verdict(status, "", passed=not wrong, rel=report.relative_error, wrong=wrong,
-                   evaluations=report.evaluations)
+    return verdict(status, "", passed=not wrong, rel=report.relative_error, wrong=wrong, evaluations=report.evaluations)
 
 
 def _probe_loss(model: nn.Module, _batch: Any) -> torch.Tensor:
@@ -400,8 +444,13 @@ def localise(
         try:
             calls, loss = _capture(model, objective)
         except Exception as exc:
-            return Localisation(None, None, (), f"could not localise: the capture forward raised {type(exc).__name__}: "
-                                f"{exc}", time.perf_counter() - start)
+            return Localisation(
+                None,
+                None,
+                (),
+                f"could not localise: the capture forward raised {type(exc).__name__}: {exc}",
+                time.perf_counter() - start,
+            )
         for call in calls:
             call.functions = _own_functions(call, calls)
         del loss
@@ -412,20 +461,31 @@ def localise(
         escalated = not any(v.status == "wrong" for v in verdicts.values())
         if escalated:  # every leaf is right: check the containers, whose own forward may cut or bend gradients
             sites = [c for c in backward if _is_site(c) or not c.passthrough]
-            verdicts.update({id(c): _check(c, dtype, seed, engine, max_elements, directions, joint=True)
-                             for c in sites if id(c) not in verdicts})
+            verdicts.update(
+                {
+                    id(c): _check(c, dtype, seed, engine, max_elements, directions, joint=True)
+                    for c in sites
+                    if id(c) not in verdicts
+                }
+            )
     first = _first_wrong(sites, verdicts)
     checked = tuple(verdicts[id(c)] for c in sites)
-    return Localisation(first.name if first else None, type(first.module).__name__ if first else None,
-                        checked, _note(first, checked, escalated), time.perf_counter() - start)
+    return Localisation(
+        first.name if first else None,
+        type(first.module).__name__ if first else None,
+        checked,
+        _note(first, checked, escalated),
+        time.perf_counter() - start,
+    )
 
 
 def _is_site(call: _Call) -> bool:
     """Leaves that compute something, and modules with custom Functions or backward hooks of their own."""
     module = call.module
     leaf = not any(True for _ in module.children())
-    return (leaf and not call.passthrough) or bool(call.functions or module._backward_hooks
-                                                   or module._backward_pre_hooks)
+    return (leaf and not call.passthrough) or bool(
+        call.functions or module._backward_hooks or module._backward_pre_hooks
+    )
 
 
 def _first_wrong(sites: list[_Call], verdicts: dict[int, SiteVerdict]) -> _Call | None:
@@ -442,8 +502,10 @@ def _note(first: _Call | None, checked: tuple[SiteVerdict, ...], escalated: bool
     errors = [s.name for s in checked if s.status == "error"]
     parts = []
     if first is not None and escalated:
-        parts.append(f"every leaf module is right; the gradient goes wrong in the own forward of {first.name}, "
-                     "outside its children (e.g. a .detach(), torch.no_grad() or a tensor hook there)")
+        parts.append(
+            f"every leaf module is right; the gradient goes wrong in the own forward of {first.name}, "
+            "outside its children (e.g. a .detach(), torch.no_grad() or a tensor hook there)"
+        )
     if first is None:
         parts.append(
             "every module checked computes its own gradients correctly: look at loss_fn / forward=, hooks on "

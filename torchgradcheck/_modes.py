@@ -94,8 +94,9 @@ def _sample(job: TensorJob, generator: torch.Generator) -> torch.Tensor:
     return torch.tensor(sorted(chosen), dtype=torch.long, device=job.target.tensor.device)
 
 
-def check_tensor(engine: Engine, job: TensorJob, loss0: torch.Tensor, floor: float, settings: Settings,
-                 generator: torch.Generator) -> ParameterResult:
+def check_tensor(
+    engine: Engine, job: TensorJob, loss0: torch.Tensor, floor: float, settings: Settings, generator: torch.Generator
+) -> ParameterResult:
     """Check one tensor in its planned mode and summarise it."""
     args = (engine, job.target, job.analytical, loss0, floor, settings, generator)
     if job.mode == "full":

@@ -46,16 +46,12 @@ _RTOL_FIX = "pass e.g. rtol=1e-3 to loosen the check, or leave rtol unset for th
 _ATOL_FIX = "pass e.g. atol=1e-8 to loosen the check, or leave atol at its default 0"
 
 
-def validate_common(
-    call: str, *, eps: Any, rtol: Any, atol: Any, dtype: Any, seed: Any, engine: Any
-) -> None:
+def validate_common(call: str, *, eps: Any, rtol: Any, atol: Any, dtype: Any, seed: Any, engine: Any) -> None:
     """Raise InvalidArgumentError / InvalidArgumentTypeError for the first bad option, naming the fix."""
     if eps is not None:
         _number(call, "eps", eps, positive=True, fix=_EPS_FIX)
         if eps >= 1:
-            raise InvalidArgumentError(
-                f"{call}: eps={eps!r} is a relative step and must be < 1; {_EPS_FIX}."
-            )
+            raise InvalidArgumentError(f"{call}: eps={eps!r} is a relative step and must be < 1; {_EPS_FIX}.")
     if rtol is not None:
         _number(call, "rtol", rtol, positive=False, fix=_RTOL_FIX)
     _number(call, "atol", atol, positive=False, fix=_ATOL_FIX)

@@ -129,25 +129,34 @@ def resolve_placement(placement: Any, names: list[str]) -> dict[str, str]:
     if placement is None:
         return dict.fromkeys(names, "replicated")
     if not isinstance(placement, Mapping):
-        raise InvalidArgumentTypeError(f"{CALL}: placement= must be a dict {{name or pattern: 'sharded' | "
-                                       f"'replicated'}}, got {placement!r}.")
+        raise InvalidArgumentTypeError(
+            f"{CALL}: placement= must be a dict {{name or pattern: 'sharded' | 'replicated'}}, got {placement!r}."
+        )
     out = dict.fromkeys(names, "replicated")
     for pattern, where in placement.items():
         if where not in PLACEMENTS:
-            raise InvalidArgumentError(f"{CALL}: placement[{pattern!r}]={where!r} is not a placement; valid options "
-                                       f"are {list(PLACEMENTS)}.")
+            raise InvalidArgumentError(
+                f"{CALL}: placement[{pattern!r}]={where!r} is not a placement; valid options are {list(PLACEMENTS)}."
+            )
         # an exact name first: "batch[0]" read as a glob would mean "batch0"
         matched = [n for n in names if n == pattern] or [n for n in names if fnmatch.fnmatchcase(n, str(pattern))]
         if not matched:
-            raise InvalidArgumentError(f"{CALL}: placement key {pattern!r} matches no parameter or input; names are "
-                                       f"{names[:12]}.")
+            raise InvalidArgumentError(
+                f"{CALL}: placement key {pattern!r} matches no parameter or input; names are {names[:12]}."
+            )
         for n in matched:
             out[n] = where
     return out
 
 
-def measure_agreed(engine: LockstepEngine, target: Target, analytical: torch.Tensor, sigma: float,
-                   loss0: torch.Tensor, settings: Settings) -> TensorCheck:
+def measure_agreed(
+    engine: LockstepEngine,
+    target: Target,
+    analytical: torch.Tensor,
+    sigma: float,
+    loss0: torch.Tensor,
+    settings: Settings,
+) -> TensorCheck:
     """`_check.measure` of a replicated tensor on every rank at once, the second look agreed on.
 
     The numerical side is the same on every rank but the analytical one may not be (that is the
@@ -165,8 +174,10 @@ def measure_agreed(engine: LockstepEngine, target: Target, analytical: torch.Ten
 def _check_replicated(t: Target, group: Any) -> None:
     """Raise (on every rank alike) unless `t` holds the same value on every rank."""
     if float(spread(torch.tensor([float(t.tensor.numel())]), group)[0]) != 0:
-        raise InvalidArgumentError(f"{CALL}: {t.name} has shape {t.shape} here but another shape on another rank: "
-                                   f"declare it placement={{{t.name!r}: 'sharded'}}.")
+        raise InvalidArgumentError(
+            f"{CALL}: {t.name} has shape {t.shape} here but another shape on another rank: "
+            f"declare it placement={{{t.name!r}: 'sharded'}}."
+        )
     gap = float(spread(t.flat, group).max()) if t.tensor.numel() else 0.0
     if gap > 0:
         raise InvalidArgumentError(
@@ -187,8 +198,10 @@ def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float)
         notes.append("fails on every rank; shown for rank 0")
     status = res.status
     if gap > bound:
-        notes.append(f"replicated, but its gradient differs across ranks by up to {gap:.2e}: a missing or extra "
-                     "all-reduce of this tensor's gradient?")
+        notes.append(
+            f"replicated, but its gradient differs across ranks by up to {gap:.2e}: a missing or extra "
+            "all-reduce of this tensor's gradient?"
+        )
         if res.passed:
             status = "diverged"
     return dataclasses.replace(res, status=status, note="; ".join(notes))
@@ -198,9 +211,18 @@ def _renamed(res: ParameterResult, rank: int) -> ParameterResult:
     return dataclasses.replace(res, name=f"rank{rank}:{res.name}")
 
 
-def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placement: Any, is_ddp: bool,
-                 settings: Settings, seed: int, group: Any, notes: list[str],
-                 tick: Tick) -> tuple[list[ParameterResult], int, float]:
+def run_lockstep(
+    lent: Lent,
+    objective: Objective,
+    targets: list[Target],
+    placement: Any,
+    is_ddp: bool,
+    settings: Settings,
+    seed: int,
+    group: Any,
+    notes: list[str],
+    tick: Tick,
+) -> tuple[list[ParameterResult], int, float]:
     """Check a distributed model; returns the merged results, the forwards per rank, the relative error."""
     rank, size = rank_and_size(group)
     names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
@@ -217,8 +239,10 @@ def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placem
     if is_ddp:
         objective = _MeanOverRanks(objective, group)
         loss0 = reduced(loss0.reshape(1), dist.ReduceOp.SUM, group)[0] / size
-        notes.append(f"objective: the global loss = mean over {size} ranks of each rank's loss, whose gradient is "
-                     "what DDP's averaging all-reduce writes into .grad")
+        notes.append(
+            f"objective: the global loss = mean over {size} ranks of each rank's loss, whose gradient is "
+            "what DDP's averaging all-reduce writes into .grad"
+        )
     else:
         gap = float(spread(loss0.reshape(1), group)[0])
         if gap > same_bound(loss0.reshape(1), loss0.dtype):
@@ -230,9 +254,11 @@ def run_lockstep(lent: Lent, objective: Objective, targets: list[Target], placem
         notes.append(f"objective: the replicated loss (identical on all {size} ranks, checked at every evaluation)")
     sharded = [t.name for t in targets if where[t.name] == "sharded"]
     if sharded:
-        notes.append(f"placement: sharded (perturbed on each owner rank in turn, shown per rank): "
-                     f"{', '.join(sharded)}; every other tensor replicated (perturbed on all ranks at once, "
-                     "checked identical)")
+        notes.append(
+            f"placement: sharded (perturbed on each owner rank in turn, shown per rank): "
+            f"{', '.join(sharded)}; every other tensor replicated (perturbed on all ranks at once, "
+            "checked identical)"
+        )
     engine = LockstepEngine(lent, objective, seed, tick, group=group)
     _, nondet = engine.loss_twice()
 

@@ -121,8 +121,14 @@ def _strip(ax: Axes, report: Report) -> None:
         ax.scatter(x + jitter[~over], shown_vals[~over], s=size, color=_OK, alpha=0.45, linewidths=0)
         ax.scatter(x + jitter[over], shown_vals[over], s=28, color=_BAD, alpha=0.9, linewidths=0)
         if excluded.size:
-            ax.scatter(x + rng.uniform(-0.32, 0.32, size=excluded.size), np.clip(excluded, bottom, top / 3),
-                       s=22, marker="x", color=_KINK, linewidths=1)
+            ax.scatter(
+                x + rng.uniform(-0.32, 0.32, size=excluded.size),
+                np.clip(excluded, bottom, top / 3),
+                s=22,
+                marker="x",
+                color=_KINK,
+                linewidths=1,
+            )
         labels.append(_column_label(r))
     ax.axhline(1.0, color=_BAD, linewidth=1, linestyle="--")
     ax.annotate("tolerance", (len(columns) - 0.5, 1.0), ha="right", va="bottom", fontsize=8, color=_BAD)
@@ -130,8 +136,9 @@ def _strip(ax: Axes, report: Report) -> None:
     ax.set_ylim(bottom / 2, top)  # exact zeros sit on the floor, still visible
     ax.set_xlim(-0.6, len(columns) - 0.4)
     ax.set_xticks(range(len(columns)))
-    ax.set_xticklabels(labels, fontsize=8, rotation=30 if len(columns) > 6 else 0,
-                       ha="right" if len(columns) > 6 else "center")
+    ax.set_xticklabels(
+        labels, fontsize=8, rotation=30 if len(columns) > 6 else 0, ha="right" if len(columns) > 6 else "center"
+    )
     for tick, (r, _, _) in zip(ax.get_xticklabels(), columns):
         if not r.passed:
             tick.set_color(_BAD)
@@ -141,8 +148,15 @@ def _strip(ax: Axes, report: Report) -> None:
     ax.scatter([], [], s=28, color=_BAD, label="element over tolerance")
     if any(x.size for _, _, x in columns):
         ax.scatter([], [], s=22, marker="x", color=_KINK, label="not differentiable here (excluded)")
-    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=3, fontsize=8, frameon=False,
-              borderaxespad=0.2, handletextpad=0.2)
+    ax.legend(
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0),
+        ncol=3,
+        fontsize=8,
+        frameon=False,
+        borderaxespad=0.2,
+        handletextpad=0.2,
+    )
 
 
 def heatmap_grid(r: ParameterResult) -> tuple[Any, Any, str]:
@@ -171,8 +185,7 @@ def _heatmap(fig: Figure, ax: Axes, r: ParameterResult) -> None:
         high *= 10
     shown = np.ma.masked_invalid(np.clip(np.where(np.isinf(err), high, err), low, high))  # NaN: not checked
     cmap = matplotlib.colormaps["viridis"].with_extremes(bad="#dddddd")
-    image = ax.imshow(shown, norm=LogNorm(vmin=low, vmax=high), cmap=cmap,
-                      aspect="auto", interpolation="nearest")
+    image = ax.imshow(shown, norm=LogNorm(vmin=low, vmax=high), cmap=cmap, aspect="auto", interpolation="nearest")
     fig.colorbar(image, ax=ax, label="|autograd − numerical|", shrink=0.9)  # noqa: RUF001
     rows, cols = np.nonzero(over)
     title = f"{r.name} {tuple(r.shape)}: {r.failed} of {r.checked} over tolerance"
@@ -188,8 +201,9 @@ def _heatmap(fig: Figure, ax: Axes, r: ParameterResult) -> None:
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def plot_report(report: Report, path: str | os.PathLike[str] | None = None, *,
-                max_heatmaps: int = MAX_HEATMAPS) -> Figure:
+def plot_report(
+    report: Report, path: str | os.PathLike[str] | None = None, *, max_heatmaps: int = MAX_HEATMAPS
+) -> Figure:
     """Draw `report`: error / tolerance of every element per tensor, and heatmaps of failing tensors.
 
     Args:
@@ -247,9 +261,18 @@ class StepSweep:
         return float(self.steps[int(np.nanargmin(self.abs_error))])
 
 
-def sweep_steps(model: nn.Module, loss_fn: Callable[..., Any] | None, batch: Any, *, param: str,
-                index: int | Sequence[int] | None, steps: Sequence[float], forward: Any, dtype: Any,
-                seed: int) -> StepSweep:
+def sweep_steps(
+    model: nn.Module,
+    loss_fn: Callable[..., Any] | None,
+    batch: Any,
+    *,
+    param: str,
+    index: int | Sequence[int] | None,
+    steps: Sequence[float],
+    forward: Any,
+    dtype: Any,
+    seed: int,
+) -> StepSweep:
     """The numbers behind `plot_step_sweep` (no matplotlib needed)."""
     import numpy as np
 
@@ -325,8 +348,12 @@ def sweep_steps(model: nn.Module, loss_fn: Callable[..., Any] | None, batch: Any
         eps = DTYPE_DEFAULTS[target.tensor.dtype].eps if target.tensor.dtype in DTYPE_DEFAULTS else 6e-6
         position = tuple(int(i) for i in np.unravel_index(flat, target.shape)) if target.shape else ()
         return StepSweep(
-            name=element_name(target.name, position), steps=(span / 2).numpy(), numerical=numerical,
-            analytical=float(analytical[flat]), noise=float(noise), default_step=eps * max(1.0, abs(base)),
+            name=element_name(target.name, position),
+            steps=(span / 2).numpy(),
+            numerical=numerical,
+            analytical=float(analytical[flat]),
+            noise=float(noise),
+            default_step=eps * max(1.0, abs(base)),
         )
 
 
@@ -337,8 +364,15 @@ def draw_step_sweep(ax: Axes, sweep: StepSweep, label: str | None = None, color:
     h, err = sweep.steps, sweep.abs_error
     ok = np.isfinite(err) & (h > 0)
     floor = max(float(np.abs(sweep.analytical)) * 1e-17, 1e-300)
-    ax.loglog(h[ok], np.maximum(err[ok], floor), "o-", color=color, markersize=3.5, linewidth=1.2,
-              label=label or f"|D(h) − autograd|, {sweep.name}")  # noqa: RUF001
+    ax.loglog(
+        h[ok],
+        np.maximum(err[ok], floor),
+        "o-",
+        color=color,
+        markersize=3.5,
+        linewidth=1.2,
+        label=label or f"|D(h) − autograd|, {sweep.name}",  # noqa: RUF001
+    )
     rounding = sweep.noise / (math.sqrt(2.0) * h)  # std of (e+ - e-) / 2h
     guide = "rounding ≈ σ/(√2·h), σ measured"  # noqa: RUF001
     ax.loglog(h, rounding, ":", color="#555555", linewidth=1, label=guide)
@@ -356,18 +390,32 @@ def draw_step_sweep(ax: Axes, sweep: StepSweep, label: str | None = None, color:
         ax.axhline(gap, color=_BAD, linewidth=1, alpha=0.6)
         ax.annotate(f"autograd is off by {gap:.1e}", (h[0], gap), va="bottom", fontsize=8, color=_BAD)
     ax.axvline(sweep.default_step, color="#2ca02c", linewidth=1)
-    ax.annotate(" verify_module's step", (sweep.default_step, 0.02), xycoords=("data", "axes fraction"),
-                va="bottom", fontsize=8, color="#2ca02c")
+    ax.annotate(
+        " verify_module's step",
+        (sweep.default_step, 0.02),
+        xycoords=("data", "axes fraction"),
+        va="bottom",
+        fontsize=8,
+        color="#2ca02c",
+    )
     shown = np.maximum(err[ok], floor)
     if shown.size:  # the data decide the limits; the guides are clipped to them
         ax.set_ylim(float(shown.min()) / 100, float(shown.max()) * 10)
 
 
-def plot_step_sweep(model: nn.Module, loss_fn: Callable[..., Any] | None = None, batch: Any = None, *,
-                    param: str, index: int | Sequence[int] | None = None,
-                    path: str | os.PathLike[str] | None = None, steps: Sequence[float] | None = None,
-                    forward: Callable[[Any, Any], Any] | None = None,
-                    dtype: torch.dtype | None = torch.float64, seed: int = 0) -> StepSweep:
+def plot_step_sweep(
+    model: nn.Module,
+    loss_fn: Callable[..., Any] | None = None,
+    batch: Any = None,
+    *,
+    param: str,
+    index: int | Sequence[int] | None = None,
+    path: str | os.PathLike[str] | None = None,
+    steps: Sequence[float] | None = None,
+    forward: Callable[[Any, Any], Any] | None = None,
+    dtype: torch.dtype | None = torch.float64,
+    seed: int = 0,
+) -> StepSweep:
     """Draw ``|central difference - autograd|`` of one element against the step ``h`` (the V).
 
     The model is lent exactly as in `verify_module` (float64 working copies, buffers reset and the
@@ -396,16 +444,18 @@ def plot_step_sweep(model: nn.Module, loss_fn: Callable[..., Any] | None = None,
         _require_matplotlib("plot_step_sweep")
     if steps is None:
         steps = np.logspace(-12, -1, 45).tolist()
-    sweep = sweep_steps(model, loss_fn, batch, param=param, index=index, steps=steps, forward=forward,
-                        dtype=dtype, seed=seed)
+    sweep = sweep_steps(
+        model, loss_fn, batch, param=param, index=index, steps=steps, forward=forward, dtype=dtype, seed=seed
+    )
     if path is not None:
         from matplotlib.figure import Figure
 
         fig = Figure(figsize=(7.0, 4.6), layout="constrained")
         ax = fig.add_subplot()
         draw_step_sweep(ax, sweep)
-        finish_step_axes(ax, f"step size vs error for {sweep.name}: autograd {sweep.analytical:.6g}, "
-                             f"best h ≈ {sweep.best_step:.1e}")
+        finish_step_axes(
+            ax, f"step size vs error for {sweep.name}: autograd {sweep.analytical:.6g}, best h ≈ {sweep.best_step:.1e}"
+        )
         _save(fig, path)
     return sweep
 

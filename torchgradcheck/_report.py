@@ -151,8 +151,9 @@ class Report:
         where = ""
         if worst:
             _, name, w = max(worst, key=lambda t: t[0])
-            where = (f"; worst {element_name(name, w.index)}: numerical {_num(w.numerical)}, "
-                     f"autograd {_num(w.analytical)}")
+            where = (
+                f"; worst {element_name(name, w.index)}: numerical {_num(w.numerical)}, autograd {_num(w.analytical)}"
+            )
         first = getattr(self.localisation, "first_wrong", None)
         blame = f"; first wrong backward: {first}" if first else ""
         return f"<Report {self.headline()}{where}{blame}>"
@@ -172,8 +173,18 @@ class Report:
         )
 
     def table(self) -> str:
-        header = ("tensor", "shape", "status", "coverage", "rel.err", "max|a-n|", "worst element", "numerical",
-                  "autograd", "tol")
+        header = (
+            "tensor",
+            "shape",
+            "status",
+            "coverage",
+            "rel.err",
+            "max|a-n|",
+            "worst element",
+            "numerical",
+            "autograd",
+            "tol",
+        )
         rows = [header]
         for r in self.results:
             w = r.worst[0] if r.worst else None

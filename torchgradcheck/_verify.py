@@ -28,15 +28,29 @@ __all__ = ["verify_module"]
 _CALL = "verify_module(model, loss_fn, batch)"
 # What torch says when a kernel rejects the dtype it was given ("expected scalar type Float but found Double").
 _DTYPE_ERROR = re.compile(r"(?i)double|float64|dtype|scalar type")
-_OPTIONS = ("forward", "params", "inputs", "mode", "budget", "eps", "rtol", "atol", "dtype", "seed", "engine",
-            "progress", "localise")
+_OPTIONS = (
+    "forward",
+    "params",
+    "inputs",
+    "mode",
+    "budget",
+    "eps",
+    "rtol",
+    "atol",
+    "dtype",
+    "seed",
+    "engine",
+    "progress",
+    "localise",
+)
 
 
 def _vmap_agrees(engine: VmapEngine, target: Target, loss0: torch.Tensor, slack: float) -> str | None:
     """None if one unperturbed batched evaluation reproduces the plain loss; else why not."""
     try:
-        value = engine.losses_along(target, torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype,
-                                                        device=target.tensor.device))[0]
+        value = engine.losses_along(
+            target, torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype, device=target.tensor.device)
+        )[0]
     except Exception as exc:  # vmap can't run this model: any error here means "use the loop"
         first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
         return f"vmap could not run the model ({type(exc).__name__}: {first[:160]})"
@@ -113,13 +127,29 @@ def verify_module(
     if localise is not None and not isinstance(localise, bool):
         raise InvalidArgumentTypeError(f"{_CALL}: localise= must be True, False or None, got {localise!r}.")
     with preserved_global_state(), lend_model(model, dtype) as lent:
-        report = _run(lent, objective, checked, skipped, inputs, eps, rtol, atol, dtype, seed, engine, progress,
-                      start, mode, float(budget))
+        report = _run(
+            lent,
+            objective,
+            checked,
+            skipped,
+            inputs,
+            eps,
+            rtol,
+            atol,
+            dtype,
+            seed,
+            engine,
+            progress,
+            start,
+            mode,
+            float(budget),
+        )
     if localise or (localise is None and not report.passed):
         from ._localise import localise as find_wrong_backward
 
-        found = find_wrong_backward(model, loss_fn, batch, forward=forward, dtype=dtype, seed=seed,
-                                    engine=engine, inputs=inputs)
+        found = find_wrong_backward(
+            model, loss_fn, batch, forward=forward, dtype=dtype, seed=seed, engine=engine, inputs=inputs
+        )
         report = dataclasses.replace(report, localisation=found, seconds=time.perf_counter() - start)
     return report
 
@@ -144,9 +174,16 @@ def check_module_call(call: str, model: Any, loss_fn: Any, forward: Any, **flags
             raise InvalidArgumentTypeError(f"{call}: {name}= must be True or False, got {flag!r}.")
 
 
-def prepare(call: str, model: nn.Module, loss_fn: Any, batch: Any, forward: Any, patterns: Sequence[str] | None,
-            inputs: bool, dtype: torch.dtype | None
-            ) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, str]], Objective]:
+def prepare(
+    call: str,
+    model: nn.Module,
+    loss_fn: Any,
+    batch: Any,
+    forward: Any,
+    patterns: Sequence[str] | None,
+    inputs: bool,
+    dtype: torch.dtype | None,
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, str]], Objective]:
     """The parameters to check (and the skipped ones), and the objective on a converted copy of the batch."""
     if module_is_lazy(model):
         raise InvalidArgumentError(f"{call}: the model has uninitialized (lazy) parameters; run one forward first.")
@@ -229,8 +266,15 @@ class _Engines:
         return self.loop.evaluations + (self.engine.evaluations if self.engine is not self.loop else 0)
 
 
-def _choose_engine(lent: Lent, objective: Objective, seed: int, tick: Callable[[int], None], name: str,
-                   targets: list[Target], notes: list[str]) -> tuple[_Engines, float]:
+def _choose_engine(
+    lent: Lent,
+    objective: Objective,
+    seed: int,
+    tick: Callable[[int], None],
+    name: str,
+    targets: list[Target],
+    notes: list[str],
+) -> tuple[_Engines, float]:
     """Pick the engine; also evaluates the unperturbed loss twice to detect nondeterminism."""
     loop = LoopEngine(lent, objective, seed, tick)
     loss_again, nondet = loop.loss_twice()
@@ -253,9 +297,23 @@ def _choose_engine(lent: Lent, objective: Objective, seed: int, tick: Callable[[
     return _Engines(loop, engine, name == "vmap", notes), nondet
 
 
-def _run(lent: Lent, objective: Objective, checked: list[tuple[str, nn.Parameter]], skipped: list[tuple[str, str]],
-         inputs: bool, eps: float | None, rtol: float | None, atol: float, dtype: torch.dtype | None, seed: int,
-         engine_name: str, progress: bool | None, start: float, mode: str = "auto", budget: float = 3.0) -> Report:
+def _run(
+    lent: Lent,
+    objective: Objective,
+    checked: list[tuple[str, nn.Parameter]],
+    skipped: list[tuple[str, str]],
+    inputs: bool,
+    eps: float | None,
+    rtol: float | None,
+    atol: float,
+    dtype: torch.dtype | None,
+    seed: int,
+    engine_name: str,
+    progress: bool | None,
+    start: float,
+    mode: str = "auto",
+    budget: float = 3.0,
+) -> Report:
     if dtype == torch.float64:
         torch.set_default_dtype(torch.float64)
     targets = [Target(name, p.data, kind="parameter", param=p) for name, p in checked]
@@ -282,17 +340,33 @@ def _run(lent: Lent, objective: Objective, checked: list[tuple[str, nn.Parameter
             engines.run(job.target.name, lambda e, job=job: check_tensor(e, job, loss0, nondet, settings, generator))
             for job in jobs
         ]
-    results += [ParameterResult(name=n, shape=tuple(p.shape), status="skipped", note=why)
-                for (n, why), p in zip(skipped, _params_by_name(lent.model, [n for n, _ in skipped]))]
+    results += [
+        ParameterResult(name=n, shape=tuple(p.shape), status="skipped", note=why)
+        for (n, why), p in zip(skipped, _params_by_name(lent.model, [n for n, _ in skipped]))
+    ]
     overall = _overall_error(results)
     device = targets[0].tensor.device if targets else torch.device("cpu")
-    options = {"dtype": str(dtype or work_dtype).replace("torch.", ""), "device": str(device),
-               "eps": eps_, "rtol": rtol_, "atol": atol, "seed": seed, "mode": mode}
+    options = {
+        "dtype": str(dtype or work_dtype).replace("torch.", ""),
+        "device": str(device),
+        "eps": eps_,
+        "rtol": rtol_,
+        "atol": atol,
+        "seed": seed,
+        "mode": mode,
+    }
     if mode == "auto":
         options["budget"] = budget
-    return Report(call="verify_module", results=tuple(results), relative_error=overall, options=options,
-                  evaluations=engines.evaluations, seconds=time.perf_counter() - start, engine=engines.engine.name,
-                  notes=tuple(notes))
+    return Report(
+        call="verify_module",
+        results=tuple(results),
+        relative_error=overall,
+        options=options,
+        evaluations=engines.evaluations,
+        seconds=time.perf_counter() - start,
+        engine=engines.engine.name,
+        notes=tuple(notes),
+    )
 
 
 def _overall_error(results: list[ParameterResult]) -> float:

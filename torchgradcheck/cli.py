@@ -32,23 +32,42 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eps", type=float, default=None, help="relative finite-difference step (per dtype)")
     p.add_argument("--rtol", type=float, default=None, help="relative floor of the tolerance (per dtype)")
     p.add_argument("--atol", type=float, default=None, help="absolute floor of the tolerance (0)")
-    p.add_argument("--mode", choices=["auto", "full", "directional", "sampled"], default=None,
-                   help="what to check: every element (full), random directions, sampled elements, or auto (default)")
-    p.add_argument("--params", action="append", metavar="PATTERN", default=None,
-                   help="check only parameters matching this name or glob pattern (repeatable)")
+    p.add_argument(
+        "--mode",
+        choices=["auto", "full", "directional", "sampled"],
+        default=None,
+        help="what to check: every element (full), random directions, sampled elements, or auto (default)",
+    )
+    p.add_argument(
+        "--params",
+        action="append",
+        metavar="PATTERN",
+        default=None,
+        help="check only parameters matching this name or glob pattern (repeatable)",
+    )
     p.add_argument("--inputs", action="store_true", help="also check gradients w.r.t. the batch's floating tensors")
-    p.add_argument("--no-localise", dest="localise", action="store_false", default=None,
-                   help="on a failure, do not check each submodule alone to name the first wrong backward")
+    p.add_argument(
+        "--no-localise",
+        dest="localise",
+        action="store_false",
+        default=None,
+        help="on a failure, do not check each submodule alone to name the first wrong backward",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
-    p.add_argument("--plot", metavar="PATH", default=None,
-                   help="also draw the report (error / tolerance per tensor, heatmaps of failing tensors) to PATH; "
-                   "needs matplotlib (pip install torchgradcheck[plot])")
+    p.add_argument(
+        "--plot",
+        metavar="PATH",
+        default=None,
+        help="also draw the report (error / tolerance per tensor, heatmaps of failing tensors) to PATH; "
+        "needs matplotlib (pip install torchgradcheck[plot])",
+    )
 
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     """The options given on the command line; unset ones keep verify_module's (or the factory's) values."""
-    options = {k: getattr(args, k) for k in ("engine", "seed", "eps", "rtol", "atol", "mode")
-               if getattr(args, k) is not None}
+    options = {
+        k: getattr(args, k) for k in ("engine", "seed", "eps", "rtol", "atol", "mode") if getattr(args, k) is not None
+    }
     if args.params:
         options["params"] = args.params
     if args.inputs:
@@ -161,7 +180,8 @@ def _check(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="torchgradcheck", description="Check PyTorch gradients against finite differences.",
+        prog="torchgradcheck",
+        description="Check PyTorch gradients against finite differences.",
         epilog="Exit status: 0 pass, 1 gradient mismatch (check), 2 usage error or the checked code raised.",
     )
     sub = parser.add_subparsers(dest="command", required=True)

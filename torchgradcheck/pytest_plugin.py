@@ -39,12 +39,16 @@ MODES = ("full", "directional", "sampled", "auto")  # verify_module's mode= (mir
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("gradcheck", "gradient checks (torchgradcheck)")
     group.addoption(
-        "--gradcheck-mode", choices=MODES, default=None,
+        "--gradcheck-mode",
+        choices=MODES,
+        default=None,
         help="run every verify_module call made through the gradcheck fixture in this mode, overriding "
         "the tests' own mode= (e.g. full: check every element).",
     )
     group.addoption(
-        "--gradcheck-device", default=None, metavar="DEVICE",
+        "--gradcheck-device",
+        default=None,
+        metavar="DEVICE",
         help="move models and batches to DEVICE (e.g. cuda, cuda:1) before checking; tests using the "
         "gradcheck fixture are skipped when DEVICE is not available.",
     )
@@ -106,9 +110,14 @@ class Gradcheck:
     ``verify_function``. The command-line options (`mode`, `device`) apply to every call.
     """
 
-    def __init__(self, mode: str | None = None, device: str | None = None, *,
-                 verify_module: Callable[..., Report] | None = None,
-                 verify_function: Callable[..., Report] | None = None) -> None:
+    def __init__(
+        self,
+        mode: str | None = None,
+        device: str | None = None,
+        *,
+        verify_module: Callable[..., Report] | None = None,
+        verify_function: Callable[..., Report] | None = None,
+    ) -> None:
         self.mode = mode
         self.device = device
         self._verify_module = verify_module
@@ -117,8 +126,9 @@ class Gradcheck:
     def __repr__(self) -> str:
         return f"Gradcheck(mode={self.mode!r}, device={self.device!r})"
 
-    def __call__(self, model: nn.Module, loss_fn: Callable[..., Any] | None = None, batch: Any = None,
-                 **options: Any) -> Report:
+    def __call__(
+        self, model: nn.Module, loss_fn: Callable[..., Any] | None = None, batch: Any = None, **options: Any
+    ) -> Report:
         """``verify_module(model, loss_fn, batch, **options)``; raises if the gradients disagree."""
         __tracebackhide__ = True
         verify = self._verify_module

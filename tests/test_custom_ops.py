@@ -1,0 +1,264 @@
+"""torch.library custom ops through verify_function: each correct op passes, its buggy twin fails.
+
+Also: no vmap batching rule means the loop engine, silently (nothing on stderr, no warning, even
+as errors), with the reason in a note; a registered batching rule keeps vmap; no jvp is noted, never
+compared; a mutating op and an op without autograd are clear errors; torch.library.opcheck's verdict
+is in the report (a warning when it fails); PyTorch's own custom-op corpus (``custom_op_db``) passes.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from torchgradcheck import InvalidArgumentError, verify_function
+
+NS = "tgc_tests"
+
+
+def _sin_op(name: str, factor: float, *, fake: bool = True, vmap: bool = False):
+    """``sin`` as a custom op whose registered backward is ``factor`` times the right one."""
+
+    @torch.library.custom_op(f"{NS}::{name}", mutates_args=())
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return x.sin()
+
+    if fake:
+        op.register_fake(lambda x: torch.empty_like(x))
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * x.cos() * factor
+
+    op.register_autograd(backward, setup_context=setup_context)
+    if vmap:
+
+        def batched(info, in_dims, x):
+            return op(x), in_dims[0]
+
+        op.register_vmap(batched)
+    return op
+
+
+mysin = _sin_op("mysin", 1.0)
+mysin_bug = _sin_op("mysin_bug", 1.02)  # 2 % off
+mysin_vmap = _sin_op("mysin_vmap", 1.0, vmap=True)
+mysin_vmap_bug = _sin_op("mysin_vmap_bug", 1.02, vmap=True)
+mysin_nofake = _sin_op("mysin_nofake", 1.0, fake=False)
+
+
+def _linear_op(name: str, bug: bool):
+    """``x @ w.T + b`` with two outputs (the second ``x * scale``); the bug drops ``b``'s gradient's sum axis."""
+
+    @torch.library.custom_op(f"{NS}::{name}", mutates_args=())
+    def op(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+        return x @ w.T + b, x * scale
+
+    @op.register_fake
+    def _(x, w, b, scale):
+        return x.new_empty(x.shape[0], w.shape[0]), torch.empty_like(x)
+
+    def setup_context(ctx, inputs, output):
+        x, w, _b, scale = inputs
+        ctx.save_for_backward(x, w)
+        ctx.scale = scale
+
+    def backward(ctx, g, g2):
+        x, w = ctx.saved_tensors
+        gx = g @ w + g2 * (ctx.scale if not bug else 1.0)  # bug: forgets the scale of output 1
+        return gx, g.T @ x, g.sum(0), None
+
+    op.register_autograd(backward, setup_context=setup_context)
+    return op
+
+
+linear2 = _linear_op("linear2", bug=False)
+linear2_bug = _linear_op("linear2_bug", bug=True)
+
+
+def _check_quietly(capfd, fn, *args, **kwargs):
+    """verify_function with every warning an error, asserting nothing reached stdout/stderr."""
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = verify_function(fn, *args, **kwargs)
+    out, err = capfd.readouterr()
+    assert err == "", f"printed at the user: {err!r}"
+    assert out == ""
+    return report
+
+
+# ------------------------------------------------------------------------------ correct and buggy
+
+
+@pytest.mark.parametrize("spelling", ["custom_op", "packet", "overload"])
+def test_custom_op_correct_passes_silently_on_the_loop_engine(capfd, spelling):
+    fn = {"custom_op": mysin, "packet": torch.ops.tgc_tests.mysin, "overload": torch.ops.tgc_tests.mysin.default}
+    x = torch.randn(5, 3, requires_grad=True)
+    report = _check_quietly(capfd, fn[spelling], x)
+    assert report.passed, report
+    assert report.engine == "loop"
+    assert any(f"{NS}::mysin has no vmap batching rule" in n for n in report.notes), report.notes
+    assert [r.name for r in report.results][0] == "grad w.r.t. x"  # the schema's name, not args[0]
+
+
+@pytest.mark.parametrize("spelling", ["custom_op", "packet"])
+def test_custom_op_wrong_backward_fails_silently(capfd, spelling):
+    fn = {"custom_op": mysin_bug, "packet": torch.ops.tgc_tests.mysin_bug}
+    x = torch.randn(5, 3, requires_grad=True)
+    report = _check_quietly(capfd, fn[spelling], x)
+    assert not report.passed
+    first = report.results[0]
+    assert first.name == "grad w.r.t. x"
+    assert first.status == "mismatch"
+
+
+def test_custom_op_with_a_batching_rule_keeps_vmap(capfd):
+    x = torch.randn(5, 3, requires_grad=True)
+    report = _check_quietly(capfd, mysin_vmap, x)
+    assert report.passed, report
+    assert report.engine == "vmap"
+    assert not any("batching rule" in n for n in report.notes)
+    assert not _check_quietly(capfd, mysin_vmap_bug, x).passed
+
+
+def test_custom_op_several_inputs_and_outputs(capfd):
+    x, w, b = (torch.randn(4, 3, requires_grad=True), torch.randn(2, 3, requires_grad=True), torch.randn(2))
+    b.requires_grad_()
+    good = _check_quietly(capfd, linear2, x, w, b, 0.5)
+    assert good.passed, good
+    names = {r.name for r in good.results}
+    assert {"grad of output 0 w.r.t. x", "grad of output 1 w.r.t. x", "grad of output 0 w.r.t. b"} <= names
+    bad = _check_quietly(capfd, linear2_bug, x, w, b, 0.5)
+    assert not bad.passed
+    assert {r.name for r in bad.failures} == {"grad of output 1 w.r.t. x"}
+
+
+def test_custom_op_jvp_is_noted_not_compared(capfd):
+    """custom_op has no forward-mode formula: the jvp is never a failing row, and a note says why."""
+    x = torch.randn(6, requires_grad=True)
+    report = _check_quietly(capfd, mysin, x)
+    assert report.passed, report
+    assert not any(r.name.startswith("jvp") and not r.passed for r in report.results)
+    assert any("forward mode" in n and "unavailable" in n for n in report.notes), report.notes
+
+
+def test_custom_op_under_pytest_filterwarnings_error_runs_twice(capfd):
+    """A second check in the same process stays silent too (the C++ warning is not a 'once' warning)."""
+    x = torch.randn(3, requires_grad=True)
+    for _ in range(2):
+        assert _check_quietly(capfd, mysin, x).passed
+
+
+def test_custom_op_vmap_fallback_setting_is_restored():
+    before = torch._C._functorch._is_vmap_fallback_enabled()
+    verify_function(mysin, torch.randn(3, requires_grad=True))
+    assert torch._C._functorch._is_vmap_fallback_enabled() == before
+
+
+# ------------------------------------------------------------------------------ opcheck
+
+
+def test_custom_op_opcheck_pass_is_noted(capfd):
+    report = _check_quietly(capfd, mysin, torch.randn(4, requires_grad=True))
+    assert report.passed
+    assert not report.warnings
+    note = next(n for n in report.notes if n.startswith("opcheck:"))
+    assert "test_schema" in note and "test_faketensor" in note and "test_autograd_registration" in note
+
+
+def test_custom_op_opcheck_failure_is_a_warning_naming_the_test(capfd):
+    """No register_fake: right gradients (passed), but opcheck's test_faketensor fails and says so."""
+    report = _check_quietly(capfd, mysin_nofake, torch.randn(4, requires_grad=True))
+    assert report.passed, report
+    assert len(report.warnings) == 1
+    assert "test_faketensor" in report.warnings[0]
+    assert "register_fake" in report.warnings[0]
+    assert "WARNING" in report.headline()
+
+
+@torch.library.custom_op(f"{NS}::wrong_fake", mutates_args=())
+def wrong_fake(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+@wrong_fake.register_fake
+def _(x):
+    return x.new_empty(x.shape[0] + 1)  # wrong shape: opcheck's test_faketensor must fail
+
+
+wrong_fake.register_autograd(lambda ctx, g: g * 2)
+
+
+def test_custom_op_opcheck_catches_a_wrong_fake_kernel(capfd):
+    report = _check_quietly(capfd, wrong_fake, torch.randn(4, requires_grad=True))
+    assert report.passed  # the gradient is right
+    assert any("test_faketensor" in w for w in report.warnings), report.warnings
+
+
+def test_custom_op_opcheck_can_be_turned_off():
+    report = verify_function(mysin_nofake, torch.randn(4, requires_grad=True), opcheck=False)
+    assert not report.warnings
+    assert any("opcheck: off" in n for n in report.notes)
+
+
+def test_custom_op_caller_tensors_untouched_by_opcheck():
+    x = torch.randn(4, requires_grad=True)
+    before = x.detach().clone()
+    verify_function(mysin, x)
+    assert x.grad is None
+    assert torch.equal(x.detach(), before)
+    assert x._version == 0
+
+
+# ------------------------------------------------------------------------------ errors
+
+
+@torch.library.custom_op(f"{NS}::scale_", mutates_args=("x",))
+def scale_(x: torch.Tensor, s: float) -> None:
+    x.mul_(s)
+
+
+@torch.library.custom_op(f"{NS}::no_autograd", mutates_args=())
+def no_autograd(x: torch.Tensor) -> torch.Tensor:
+    return x.sin()
+
+
+def test_custom_op_mutating_is_a_clear_error():
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(InvalidArgumentError, match=r"tgc_tests::scale_ mutates its argument\(s\) x"):
+        verify_function(scale_, x, 2.0)
+
+
+def test_custom_op_without_autograd_is_a_clear_error():
+    x = torch.randn(3, requires_grad=True)
+    with pytest.raises(InvalidArgumentError, match=r"has no autograd formula.*register_autograd"):
+        verify_function(no_autograd, x)
+
+
+# ------------------------------------------------------------------------------ PyTorch's own corpus
+
+
+def _custom_op_db():
+    from torch.testing._internal.custom_op_db import custom_op_db
+
+    return [op for op in custom_op_db if op.supports_autograd]
+
+
+def test_custom_op_db_correct_ops_pass(capfd):
+    """PyTorch's custom_op_db (code nobody here wrote): every differentiable sample passes quietly."""
+    ops = _custom_op_db()
+    assert len(ops) >= 6
+    checked = 0
+    for info in ops:
+        for sample in list(info.sample_inputs("cpu", torch.float64, requires_grad=True))[:2]:
+            args = (sample.input, *sample.args)
+            report = _check_quietly(capfd, info.op, *args, **sample.kwargs)
+            assert report.passed, (info.name, report)
+            checked += 1
+    assert checked >= 10

@@ -1,0 +1,95 @@
+"""torch.compile'd models in ``verify_module``: which side is compiled, and the one forward comparison.
+
+``torch.compile(model)`` returns an ``OptimizedModule`` that holds the user's module as ``_orig_mod``
+(its parameters are the same objects, named ``_orig_mod.0.weight``). The check splits the two:
+
+* the **numerical side** runs on the eager module ``_orig_mod``: every perturbed forward is plain
+  eager code (vmap works, nothing is recompiled per perturbation or per vmap chunk);
+* the **analytical side** is one forward and backward through the compiled module: the gradients
+  the user trains with, so a wrong Inductor kernel or a custom Function whose backward is wrong as
+  traced under compile fails the check;
+* parameters are named as the eager module names them (``0.weight``);
+* the compiled forward is compared once with the eager forward at the unperturbed point; a
+  difference beyond the agreement slack of the engines (``1e4·u·|L| + 10·nondet``, as for vmap)
+  is a row of its own, status ``compiled forward differs``, which fails the check.
+
+Only the checking dtype changes the compiled module's guards, so the check costs one compile (in
+float64; none with ``dtype=None`` once the user has run the model). ``torch._dynamo`` is never
+imported here: if it is not loaded, no model can be an ``OptimizedModule``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._report import ParameterResult as TensorResult
+
+__all__ = ["Compiled", "compare_forward", "split_compiled"]
+
+
+@dataclass(frozen=True)
+class Compiled:
+    """An ``OptimizedModule`` taken apart: the module that runs compiled, and its eager original."""
+
+    compiled: nn.Module  # what the user trains with; the analytical side runs through it
+    eager: nn.Module  # ``compiled._orig_mod``: the numerical side, and the names
+    backend: str
+
+    def note(self) -> str:
+        return (
+            f"torch.compile (backend={self.backend}): the autograd side is the compiled module's backward "
+            "(what you train with); the numerical side runs the eager module (_orig_mod); the compiled "
+            "forward was compared with the eager one at the unperturbed point"
+        )
+
+
+def split_compiled(model: Any) -> Compiled | None:
+    """``Compiled`` for an ``OptimizedModule`` (``torch.compile(model)``), None for anything else."""
+    frames = sys.modules.get("torch._dynamo.eval_frame")
+    optimized = getattr(frames, "OptimizedModule", None)
+    if optimized is None or not isinstance(model, optimized):
+        return None
+    eager = model._orig_mod
+    if not isinstance(eager, nn.Module):  # torch.compile of a plain function wrapped oddly: not ours
+        return None
+    return Compiled(compiled=model, eager=eager, backend=_backend_name(model))
+
+
+def _backend_name(model: Any) -> str:
+    """The backend's name (``inductor``, ``aot_eager``), best effort through dynamo's wrappers."""
+    obj = getattr(getattr(model, "dynamo_ctx", None), "callback", None)
+    for _ in range(6):
+        if obj is None:
+            break
+        for attr in ("_compiler_name", "compiler_name"):
+            name = getattr(obj, attr, None)
+            if isinstance(name, str):
+                return name
+        obj = getattr(obj, "_torchdynamo_orig_backend", None)
+    return "custom"
+
+
+def compare_forward(compiled_loss: torch.Tensor, eager_loss: torch.Tensor, nondet: float) -> TensorResult | None:
+    """A failing ``compiled forward`` row when the two unperturbed losses differ beyond the slack, else None."""
+    a, n = float(compiled_loss), float(eager_loss)
+    u = float(torch.finfo(eager_loss.dtype).eps) / 2
+    slack = 1e4 * u * max(abs(a), abs(n)) + 10 * nondet
+    diff = abs(a - n)
+    if diff <= slack:
+        return None
+    return TensorResult(
+        name="compiled forward",
+        shape=(),
+        status="compiled forward differs",
+        note=(
+            f"the compiled forward gives loss {a!r} and the eager forward {n!r} at the same point "
+            f"(|diff| {diff:.2e} > {slack:.2e}, the slack of rounding and measured nondeterminism): the "
+            "compiled model computes something else than the eager one (a graph-break or guard issue, "
+            "a backend bug, or code that branches on torch.compiler.is_compiling())"
+        ),
+    )

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .._batch import Objective
@@ -89,14 +90,8 @@ class _Slot:
 
 
 def _fill(tree: Any, values: dict[str, torch.Tensor]) -> Any:
-    if isinstance(tree, _Slot):
-        return values[tree.key]
-    if isinstance(tree, dict):
-        return {k: _fill(v, values) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_fill(v, values) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return tree
+    """`tree` with every `_Slot` replaced by its value."""
+    return pytree.tree_map(lambda leaf: values[leaf.key] if isinstance(leaf, _Slot) else leaf, tree)
 
 
 class _Call(nn.Module):
@@ -190,23 +185,22 @@ def _reject_typos(fn: Callable[..., Any], kwargs: dict) -> None:
 
 def _convert(tree: Any, name: str, slots: list[_Slot]) -> Any:
     """Checked tensors become `_Slot`s; other floating tensors float64 copies; anything else unchanged."""
-    if isinstance(tree, torch.Tensor):
-        if tree.requires_grad and tree.is_complex():
-            raise InvalidArgumentError(f"{_CALL}: {name} is complex; complex inputs are not supported yet.")
-        if tree.requires_grad and tree.is_floating_point():
-            if not bool(torch.isfinite(tree.detach()).all()):
-                raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
-            expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
-            slots.append(_Slot(f"in{len(slots)}", name, tree, expanded))
-            return slots[-1]
-        if tree.is_floating_point():
-            return tree.detach().to(DTYPE, copy=True)
+    return pytree.tree_map_with_path(lambda key, leaf: _convert_leaf(leaf, name + pytree.keystr(key), slots), tree)
+
+
+def _convert_leaf(tree: Any, name: str, slots: list[_Slot]) -> Any:
+    if not isinstance(tree, torch.Tensor):
         return tree
-    if isinstance(tree, dict):
-        return {k: _convert(v, f"{name}[{k!r}]", slots) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_convert(v, f"{name}[{i}]", slots) for i, v in enumerate(tree)]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    if tree.requires_grad and tree.is_complex():
+        raise InvalidArgumentError(f"{_CALL}: {name} is complex; complex inputs are not supported yet.")
+    if tree.requires_grad and tree.is_floating_point():
+        if not bool(torch.isfinite(tree.detach()).all()):
+            raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
+        expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
+        slots.append(_Slot(f"in{len(slots)}", name, tree, expanded))
+        return slots[-1]
+    if tree.is_floating_point():
+        return tree.detach().to(DTYPE, copy=True)
     return tree
 
 

@@ -70,9 +70,9 @@ def test_compiled_correct_model_passes_with_the_users_names():
     report = verify_module(compiled, nn.MSELoss(), _batch(), mode="full")
     assert report.passed, report
     assert [r.name for r in report.results] == ["0.weight", "0.bias", "2.weight", "2.bias"]
-    assert "_orig_mod" not in str(report)
+    assert "_orig_mod." not in str(report)
     assert any("torch.compile" in n and "compiled" in n and "eager" in n for n in report.notes), report.notes
-    assert_unchanged(before, snapshot(model))
+    assert_unchanged(before, model)
 
 
 def test_compiled_wrong_function_backward_fails():
@@ -126,8 +126,11 @@ def test_compiled_input_gradients_come_from_the_compiled_backward():
 
 
 @pytest.mark.slow
-def test_compiled_with_inductor_correct_and_buggy():
-    """The default backend (Inductor, C++ codegen on CPU): the same verdicts."""
-    assert verify_module(_compiled(_model(), backend="inductor"), nn.MSELoss(), _batch(), mode="full").passed
+def test_compiled_with_inductor_buggy_fails():
+    """The default backend (Inductor, C++ codegen on CPU, 10-30 s per compile here): a 2 % bug fails.
+
+    Its correct twin is examples/compiled_model.py (run by tests/test_examples.py).
+    """
     bad = verify_module(_compiled(_model(scale=1.02), backend="inductor"), nn.MSELoss(), _batch(), mode="full")
     assert not bad.passed
+    assert {r.name for r in bad.failures} == {"0.weight", "0.bias"}

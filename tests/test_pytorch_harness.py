@@ -26,7 +26,7 @@ def test_pytorch_harness_recipe_passes_with_frozen_flags_and_warnings_as_errors(
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     for name in ("test_function_cpu", "test_function_buggy_twin_fails_cpu", "test_module_cpu"):
-        assert f"{name} (__main__.TestSwishGradientsCPU" in out and "... ok" in out, out
+        assert f"{name} (__main__.TestSwishGradientsCPU.{name}) ... ok" in out, out
     assert "Ran 3 tests" in out
     assert "OK" in out.splitlines()[-1]
     assert "Warning" not in out  # no C++ or Python warning printed

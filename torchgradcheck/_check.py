@@ -64,13 +64,16 @@ def check_targets(
     *,
     call: str,
     grow: Tick = _noop,
+    trained: nn.Module | None = None,
 ) -> Checked:
     """Check every target of a lent model in its planned mode; errors name `call`.
 
     `options` must be resolved (`CheckOptions.resolve`: eps and rtol set). `tick(n)` reports finished
     evaluations; `grow(n)` adds planned work to a progress bar (the plan is known only after the noise).
+    `trained`: the module whose backward gives the analytical side, when it is not ``lent.model``
+    itself (a ``torch.compile`` wrapper of it); the numerical side always runs ``lent.model``.
     """
-    loss0, grads = analytical(lent, objective, targets, options.seed, call)
+    loss0, grads = analytical(lent, objective, targets, options.seed, call, trained)
     notes: list[str] = []
     jobs = []
     for t in targets:
@@ -180,11 +183,12 @@ def prepare(
 
 
 def analytical(
-    lent: Lent, objective: Objective, targets: list[Target], seed: int, call: str
+    lent: Lent, objective: Objective, targets: list[Target], seed: int, call: str, model: nn.Module | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """One seeded forward and ``loss.backward()``: the loss and every target's ``.grad`` (flat float64).
 
     The errors name `call`; a kernel that rejects the checking dtype gets an error naming dtype=None.
+    `model` runs the forward instead of ``lent.model`` (a compiled wrapper sharing its parameters).
     """
     for t in targets:
         if t.kind == "input":
@@ -193,7 +197,7 @@ def analytical(
     lent.reset_buffers()
     reseed(seed)
     try:
-        loss = check_loss(objective(lent.model))
+        loss = check_loss(objective(lent.model if model is None else model))
         if not loss.requires_grad:
             raise InvalidArgumentError(
                 f"{call}: the loss does not require grad: nothing connects it to the checked parameters "

@@ -27,7 +27,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._report import ParameterResult as TensorResult
+from ._batch import Objective
+from ._engines import LoopEngine
+from ._params import Lent
+from ._report import TensorResult
 
 __all__ = ["Compiled", "compare_forward", "split_compiled"]
 
@@ -39,6 +42,14 @@ class Compiled:
     compiled: nn.Module  # what the user trains with; the analytical side runs through it
     eager: nn.Module  # ``compiled._orig_mod``: the numerical side, and the names
     backend: str
+
+    def forward_rows(
+        self, lent: Lent, objective: Objective, seed: int, compiled_loss: torch.Tensor
+    ) -> list[TensorResult]:
+        """``[row]`` when the compiled forward (its loss from the analytical pass) differs from the eager one."""
+        eager_loss, nondet = LoopEngine(lent, objective, seed).loss_twice()
+        row = compare_forward(compiled_loss, eager_loss, nondet)
+        return [] if row is None else [row]
 
     def note(self) -> str:
         return (

@@ -14,12 +14,18 @@ so the two give the same verdicts.
 The engine policy lives here, once, for every entry point: `choose_engine` picks vmap when one
 batched unperturbed evaluation reproduces the plain loss (within ``1e4 u |L| + 10 * nondet``), and
 `EngineSwitch` falls back from vmap to the loop when vmap fails mid-check (always with a note).
+
+vmap runs with its per-example fallback disabled (`without_vmap_fallback`): an op without a batching
+rule (a custom op without ``register_vmap``) makes vmap raise, the policy picks the loop, and the
+note names the op (`missing_batching_rule`). Nothing is printed at the user.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -32,7 +38,19 @@ from ._errors import InvalidArgumentError
 from ._params import Lent, Target
 from ._state import reseed
 
-__all__ = ["Engine", "EngineSwitch", "LoopEngine", "VmapEngine", "choose_engine", "vmap_agrees"]
+__all__ = [
+    "Engine",
+    "EngineSwitch",
+    "LoopEngine",
+    "VmapEngine",
+    "choose_engine",
+    "missing_batching_rule",
+    "vmap_agrees",
+    "without_vmap_fallback",
+]
+
+# What vmap raises, with its fallback disabled, for an op that has no batching rule.
+_NO_RULE = re.compile(r"^(\S+) hit the vmap fallback which is currently disabled")
 
 Tick = Callable[[int], None]
 
@@ -155,6 +173,39 @@ class _Wrapped(nn.Module):
         return objective(self.model)
 
 
+@contextlib.contextmanager
+def without_vmap_fallback() -> Iterator[None]:
+    """vmap with its per-example fallback disabled: an op without a batching rule raises instead.
+
+    With the fallback on, such an op runs one example at a time, and C++ prints "There is a
+    performance drop because we have not yet implemented the batching rule for mylib::op" straight
+    to stderr, at every call (c10's warning handler, not Python's `warnings`: it can't be caught or
+    filtered, and ``-W error`` does not stop it). Disabled, vmap raises, and `choose_engine` /
+    `EngineSwitch` switch to the loop with a note naming the op. The setting is process-wide;
+    it is restored on exit.
+    """
+    functorch = torch._C._functorch
+    if not hasattr(functorch, "_set_vmap_fallback_enabled"):  # an older torch: nothing to switch
+        yield
+        return
+    was = functorch._is_vmap_fallback_enabled()
+    functorch._set_vmap_fallback_enabled(False)
+    try:
+        yield
+    finally:
+        functorch._set_vmap_fallback_enabled(was)
+
+
+def missing_batching_rule(exc: BaseException) -> str | None:
+    """``"mylib::op has no vmap batching rule (...)"`` if `exc` is vmap refusing its fallback, else None."""
+    found = _NO_RULE.match(str(exc))
+    if found is None:
+        return None
+    return (
+        f"{found.group(1)} has no vmap batching rule (torch.library.register_vmap adds one, for the faster vmap engine)"
+    )
+
+
 class VmapEngine(Engine):
     """Chunks of perturbed copies of one tensor per batched forward (``vmap`` + ``functional_call``)."""
 
@@ -195,7 +246,8 @@ class VmapEngine(Engine):
                 chunk = rows[start : start + size]
                 self._prepare()
                 try:
-                    out[start : start + len(chunk)] = fn(chunk.view(len(chunk), *target.shape))
+                    with without_vmap_fallback():
+                        out[start : start + len(chunk)] = fn(chunk.view(len(chunk), *target.shape))
                 except torch.OutOfMemoryError:
                     if size == 1:
                         raise
@@ -233,6 +285,9 @@ def vmap_agrees(engine: VmapEngine, target: Target, loss0: torch.Tensor, slack: 
             target, torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype, device=target.tensor.device)
         )[0]
     except Exception as exc:  # vmap can't run this model: any error here means "use the loop"
+        rule = missing_batching_rule(exc)
+        if rule is not None:
+            return rule
         first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
         return f"vmap could not run the model ({type(exc).__name__}: {first[:160]})"
     if not abs(float(value) - float(loss0)) <= slack:
@@ -253,7 +308,8 @@ class EngineSwitch:
         except Exception as exc:
             if self.engine is self.loop or self.forced:
                 raise
-            note = f"engine: loop from {what} on, because vmap failed ({type(exc).__name__})"
+            why = missing_batching_rule(exc) or f"vmap failed ({type(exc).__name__})"
+            note = f"engine: loop from {what} on, because {why}"
             if note not in self.notes:
                 self.notes.append(note)
             self.engine = self.loop

@@ -25,6 +25,7 @@ Status = Literal[
     "wrong dtype",  # backward returned a gradient of the wrong dtype
     "wrong shape",  # ... of the wrong shape
     "wrong device",  # ... on the wrong device
+    "compiled forward differs",  # torch.compile'd forward gives another loss than the eager module
 ]
 STATUSES: tuple[str, ...] = get_args(Status)
 # Statuses that pass; every other status fails the check.

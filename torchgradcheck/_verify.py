@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from ._batch import Objective, input_targets
-from ._check import Checked, check_module_call, check_targets, prepare
+from ._check import check_module_call, check_targets, prepare
+from ._compiled import Compiled, split_compiled
 from ._errors import InvalidArgumentTypeError
 from ._noise import NOISE_POINTS
 from ._options import CheckOptions, check_options, reject_unknown, validate_patterns
@@ -112,11 +113,13 @@ def verify_module(
         progress=progress,
     )
     patterns = validate_patterns("verify_module", params)
+    compiled = split_compiled(model)  # torch.compile(model): the user's names, numerics on the eager module
+    model = model if compiled is None else compiled.eager
     checked, skipped, objective = prepare(_CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
     if localise is not None and not isinstance(localise, bool):
         raise InvalidArgumentTypeError(f"{_CALL}: localise= must be True, False or None, got {localise!r}.")
     with preserved_global_state(), lend_model(model, dtype) as lent:
-        report = _run(lent, objective, checked, skipped, inputs, options, start)
+        report = _run(lent, objective, checked, skipped, inputs, options, start, compiled)
     if localise or (localise is None and not report.passed):
         from ._localise import localise as find_wrong_backward
 
@@ -135,6 +138,7 @@ def _run(
     inputs: bool,
     options: CheckOptions,
     start: float,
+    compiled: Compiled | None = None,
 ) -> Report:
     if options.dtype == torch.float64:
         torch.set_default_dtype(torch.float64)
@@ -145,7 +149,11 @@ def _run(
     device = targets[0].tensor.device if targets else torch.device("cpu")
     options = options.resolve(work_dtype, device)
     with progress_bar(2 + len(targets) * NOISE_POINTS, options.progress, "verify_module") as bar:
-        found: Checked = check_targets(lent, objective, targets, options, bar.update, call=_CALL, grow=bar.grow)
+        trained = None if compiled is None else compiled.compiled
+        found = check_targets(lent, objective, targets, options, bar.update, call=_CALL, grow=bar.grow, trained=trained)
+    if compiled is not None:
+        found.results.extend(compiled.forward_rows(lent, objective, options.seed, found.loss))
+        found.notes.append(compiled.note())
     table = dict(lent.model.named_parameters(remove_duplicate=False))
     results = found.results + [
         TensorResult(name=n, shape=tuple(table[n].shape), status="skipped", note=why) for n, why in skipped

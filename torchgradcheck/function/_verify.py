@@ -44,6 +44,7 @@ from .._params import Lent, Target, lend_model
 from .._progress import progress_bar
 from .._report import Report, TensorResult
 from .._state import preserved_global_state, reseed
+from ._custom_op import as_custom_op, refuse_unsupported, with_opcheck
 from ._extras import (
     Extras,
     check_forward_mode,
@@ -72,6 +73,7 @@ OPTIONS = (
     "second_order",
     "forward_mode",
     "noncontiguous",
+    "opcheck",
     "progress",
 )
 DTYPE = torch.float64
@@ -210,7 +212,7 @@ def _validate(fn: Any, args: tuple, kwargs: dict, options: dict[str, Any]) -> No
         raise InvalidArgumentTypeError(
             f"{_CALL}: fn must be callable (e.g. MyFunction.apply) but got fn={fn!r} (type={type(fn).__name__})."
         )
-    for flag in ("second_order", "forward_mode", "noncontiguous"):
+    for flag in ("second_order", "forward_mode", "noncontiguous", "opcheck"):
         if not isinstance(options[flag], bool):
             raise InvalidArgumentTypeError(f"{_CALL}: {flag}= must be True or False, got {options[flag]!r}.")
     tol = options["nondet_tol"]
@@ -249,6 +251,7 @@ def verify_function(
     second_order: bool = True,
     forward_mode: bool = True,
     noncontiguous: bool = True,
+    opcheck: bool = True,
     progress: bool | None = None,
     **kwargs: Any,
 ) -> Report:
@@ -335,9 +338,11 @@ def verify_function(
         "second_order": second_order,
         "forward_mode": forward_mode,
         "noncontiguous": noncontiguous,
+        "opcheck": opcheck,
     }
     _validate(fn, args, kwargs, options)
-    pos_names, kw_names = _argument_names(fn, args, kwargs)
+    op = as_custom_op(fn, args, kwargs)  # a torch.library op: named by its schema, opcheck'ed at the end
+    pos_names, kw_names = _argument_names(fn, args, kwargs) if op is None else refuse_unsupported(op, args, kwargs)
     slots: list[_Slot] = []
     conv_args = tuple(_convert(a, n, slots) for a, n in zip(args, pos_names))
     conv_kwargs = {k: _convert(v, kw_names[k], slots) for k, v in kwargs.items()}
@@ -350,7 +355,8 @@ def verify_function(
     resolved = shared.resolve(DTYPE, slots[0].original.device)
     with preserved_global_state(), lend_model(call, DTYPE) as lent:
         torch.set_default_dtype(DTYPE)
-        return _run(call, lent, resolved, options, start)
+        report = _run(call, lent, resolved, options, start)
+    return report if op is None else with_opcheck(report, op, args, kwargs, enabled=opcheck)
 
 
 def _objective(k: int, v: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:

@@ -20,6 +20,8 @@ concerns every model, not only custom ops.
 
 from __future__ import annotations
 
+import dataclasses
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -27,9 +29,11 @@ from typing import Any
 import torch
 from torch.utils import _pytree as pytree
 
-from ._errors import InvalidArgumentError
+from .._errors import InvalidArgumentError
+from .._report import Report
+from .._state import preserved_global_state
 
-__all__ = ["CustomOp", "argument_names", "as_custom_op", "refuse_unsupported", "run_opcheck"]
+__all__ = ["CustomOp", "argument_names", "as_custom_op", "refuse_unsupported", "run_opcheck", "with_opcheck"]
 
 _CALL = "verify_function(fn, *args, **kwargs)"
 # Namespaces of PyTorch's own operators: checked like any function, without opcheck (it is a tool for
@@ -85,8 +89,8 @@ def argument_names(op: CustomOp, args: tuple, kwargs: dict) -> tuple[list[str], 
     return pos, {k: k for k in kwargs}
 
 
-def refuse_unsupported(op: CustomOp) -> None:
-    """Raise `InvalidArgumentError` for an op that mutates its arguments or has no autograd formula.
+def refuse_unsupported(op: CustomOp, args: tuple, kwargs: dict) -> tuple[list[str], dict[str, str]]:
+    """The inputs' names (`argument_names`); `InvalidArgumentError` for an op that mutates or has no autograd.
 
     A mutating op gets an error rather than a copy-in: torch.library refuses ``register_autograd``
     for it ("Please create a functional operator"), so there is no formula of its own to check, and
@@ -108,6 +112,7 @@ def refuse_unsupported(op: CustomOp) -> None:
             f"check; register one with {op.qualname.split('::')[-1]}.register_autograd(backward, "
             "setup_context=setup_context)."
         )
+    return argument_names(op, args, kwargs)
 
 
 def _copy(value: Any) -> Any:
@@ -127,8 +132,6 @@ def run_opcheck(op: CustomOp, args: tuple, kwargs: dict) -> tuple[list[str], lis
     right gradients, and failing its gradient check for that would push users to turn opcheck off.
     The warning names the failing test, torch's own message and the fix.
     """
-    if op.builtin:
-        return [], []
     copies = pytree.tree_map(_copy, (args, kwargs))
     with warnings.catch_warnings():  # opcheck's own machinery may warn (dynamo, deprecations): not the user's
         warnings.simplefilter("ignore")
@@ -151,3 +154,20 @@ def run_opcheck(op: CustomOp, args: tuple, kwargs: dict) -> tuple[list[str], lis
         f"torch.library.opcheck({op.qualname}) fails {found}. The gradients are checked on their own; "
         "torch.compile and torch.export need this fixed"
     ]
+
+
+def with_opcheck(report: Report, op: CustomOp, args: tuple, kwargs: dict, *, enabled: bool) -> Report:
+    """`report` with opcheck's verdict added: a note when it passes, a warning per failure (`run_opcheck`)."""
+    if not enabled:
+        return dataclasses.replace(report, notes=(*report.notes, "opcheck: off (opcheck=False)"))
+    if op.builtin:
+        return report
+    start = time.perf_counter()
+    with preserved_global_state():  # opcheck draws random numbers and may touch global state
+        notes, found = run_opcheck(op, args, kwargs)
+    return dataclasses.replace(
+        report,
+        notes=(*report.notes, *notes),
+        warnings=(*report.warnings, *found),
+        seconds=report.seconds + time.perf_counter() - start,
+    )

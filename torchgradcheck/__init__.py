@@ -23,6 +23,7 @@ __all__ = [
     "TorchGradcheckError",
     "__version__",
     "plot_step_sweep",
+    "verify_batch_independence",
     "verify_distributed",
     "verify_function",
     "verify_module",
@@ -41,12 +42,14 @@ _WHERE = {
     "Localisation": "._localise",
     "SiteVerdict": "._localise",
     "plot_step_sweep": "._plot",
+    "verify_batch_independence": "._batch_independence",
     "verify_distributed": "._distributed",
     "verify_function": "._function",
     "verify_module": "._verify",
 }
 
 if TYPE_CHECKING:
+    from ._batch_independence import verify_batch_independence
     from ._distributed import verify_distributed
     from ._errors import (
         GradcheckWarning,

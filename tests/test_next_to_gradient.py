@@ -76,36 +76,33 @@ def test_accumulation_backward_that_assigns_grad_fails(fn, passes):
     assert_unchanged(before, model)
 
 
-def test_accumulation_hand_written_backward_in_a_hook_fails():
-    """A 'manual backward' layer: the forward detaches the weight, a module hook writes weight.grad."""
-    lin = nn.Linear(4, 3)
-    seen = {}
+class HookLinear(nn.Module):
+    """A hand-written backward through a tensor hook that assigns weight.grad (bug) or adds to it."""
 
-    def keep_input(module, args):
-        seen["x"] = args[0].detach()
+    def __init__(self, adds: bool) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 4) / 2)
+        self.adds = adds
 
-    def write_grad(module, grad_in, grad_out):
-        module.weight.grad = grad_out[0].t() @ seen["x"]  # assigns: a second backward replaces the first
+    def forward(self, x):
+        out = x @ self.weight.detach().t()  # the weight's gradient comes from the hook below
+        if torch.is_grad_enabled():
+            out.requires_grad_(True)
+            out.register_hook(lambda g: self._write(g.t() @ x))
+        return out
 
-    class Manual(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lin = lin
+    def _write(self, grad):
+        w = self.weight
+        w.grad = grad if (w.grad is None or not self.adds) else w.grad + grad
 
-        def forward(self, x):
-            return nn.functional.linear(x, self.lin.weight.detach() + 0 * self.lin.weight, self.lin.bias)
 
-    model = Manual()
-    lin.register_forward_pre_hook(keep_input)
-    # the hook sees the gradient of Manual's output: write the weight's gradient from it
-    model.register_full_backward_hook(lambda m, gi, go: write_grad(lin, gi, go))
-    batch = _batch()
-    seen["x"] = batch[0]
+@pytest.mark.parametrize(("adds", "passes"), [(False, False), (True, True)])
+def test_accumulation_hand_written_backward_in_a_hook(adds, passes):
+    model, batch = nn.Sequential(HookLinear(adds), nn.Tanh()), _batch()
     before = snapshot(model)
-    report = verify_module(model, lambda out, y: ((out - y) ** 2).sum(), batch, mode="full")
-    assert not report.passed
-    assert {r.name: r.status for r in report.results}["lin.weight"] in ("does not accumulate", "mismatch")
-    assert "does not accumulate" in {r.status for r in report.results}
+    report = verify_module(model, nn.MSELoss(), batch, mode="full")
+    assert report.passed == passes, report
+    assert report.results[0].status == ("ok" if passes else "does not accumulate")
     assert_unchanged(before, model)
 
 
@@ -115,7 +112,7 @@ def test_accumulation_benign_post_accumulate_hook_passes():
     model[0].weight.register_post_accumulate_grad_hook(lambda p: norms.append(float(p.grad.norm())))
     report = verify_module(model, nn.MSELoss(), batch, mode="full")
     assert report.passed, report
-    assert len(norms) == 2  # it ran once per backward: the check's backward and the accumulation backward
+    assert len(norms) >= 2  # once per backward: the check's backward and the accumulation backward
     assert norms[1] == pytest.approx(2 * norms[0], rel=1e-12)
 
 
@@ -125,7 +122,7 @@ def test_accumulation_can_be_turned_off_and_costs_one_backward():
     assert report.passed  # the one backward is right: only the accumulation check sees this bug
     on = verify_module(model, nn.MSELoss(), batch, mode="full")
     assert "accumulation" in str(on)
-    assert "one extra backward" in str(on)
+    assert "accumulation=on (+1 backward)" in str(on)
 
 
 # ---------------------------------------------------------------- zero at init: after_steps
@@ -279,7 +276,7 @@ def test_second_order_not_computable_is_a_note_not_an_error():
     rows = [r for r in report.results if r.kind == "second order"]
     assert rows
     assert all(r.status == "inconclusive" for r in rows), report
-    assert "second order not computable" in rows[0].note
+    assert "once_differentiable" in rows[0].note
 
 
 # ---------------------------------------------------------------- losses that differentiate inside

@@ -16,6 +16,7 @@ It costs one backward pass (no forward); ``accumulate=False`` turns it off.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ import torch
 
 from ._noise import unit_roundoff
 from ._params import Target, dense_grad
+from ._report import TensorResult
 
-__all__ = ["AccumulationVerdict", "check_accumulation"]
+__all__ = ["AccumulationVerdict", "apply_accumulation", "check_accumulation"]
 
 ROUNDING_UNITS = 64.0  # |S - 2G| up to this many unit roundoffs of max|2G| is rounding (atomics, fused adds)
 
@@ -92,3 +94,16 @@ def _judge(t: Target, g1: torch.Tensor, total: torch.Tensor, rtol: float) -> dic
         f"mutates tensors it saved on ctx, or a hook that rewrites .grad); {evidence}"
     )
     return {t.name: AccumulationVerdict("backward not repeatable", note)}
+
+
+def apply_accumulation(result: TensorResult, verdict: AccumulationVerdict | None) -> TensorResult:
+    """`result` with the accumulation verdict on it: the status of a tensor that does not accumulate wins
+    (overwriting ``.grad`` also explains a first-order mismatch), the first-order finding stays in the note."""
+    if verdict is None:
+        return result
+    note = verdict.note
+    if result.status == "mismatch":
+        note += f"; also {result.failed} of {result.checked} element(s) disagree with finite differences"
+    elif result.note:
+        note += f"; {result.note}"
+    return dataclasses.replace(result, status=verdict.status, note=note)

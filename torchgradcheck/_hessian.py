@@ -72,6 +72,7 @@ class _Grads:
         with torch.enable_grad():
             loss = self._loss()
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+            _refuse_once_differentiable(grads)
             dot = sum(
                 (g.to(torch.float64).reshape(-1) * part).sum()
                 for g, part in zip(grads, v.split(self.sizes))
@@ -95,6 +96,25 @@ class _Grads:
         flat = torch.cat([b.to(torch.float64).reshape(-1) for b in self.bases])
         signs = torch.randint(0, 2, (flat.numel(),), generator=generator).to(flat.device, torch.float64) * 2 - 1
         return signs * flat.abs().clamp(min=1.0)
+
+
+def _refuse_once_differentiable(grads: Sequence[torch.Tensor | None]) -> None:
+    """Raise if the gradient's graph goes through a ``@once_differentiable`` backward.
+
+    torch marks such a backward's outputs with a ``DelayedError`` node whose inputs are detached
+    leaves: ``loss.backward()`` through it raises, but ``torch.autograd.grad(..., inputs=params)``
+    prunes it and silently treats that part of the gradient as a constant (a wrong H v).
+    """
+    seen: set[int] = set()
+    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if type(node).__name__ in ("DelayedError", "Error"):
+            raise RuntimeError("a custom Function's backward is marked @once_differentiable")
+        stack.extend(next_node for next_node, _ in node.next_functions)
 
 
 def check_second_order(

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from ._batch import Objective, check_loss
+from ._errors import InvalidArgumentTypeError
 from ._params import Lent
 from ._state import reseed
 
@@ -41,10 +42,10 @@ def _loss_and_grad(lent: Lent, objective: Objective, params: list[torch.nn.Param
     return float(loss.detach())
 
 
-def _loss(lent: Lent, objective: Objective, seed: int, grad_mode: bool) -> float:
+def _loss(lent: Lent, objective: Objective, seed: int) -> float:
     lent.reset_buffers()
     reseed(seed)
-    with torch.set_grad_enabled(grad_mode):
+    with torch.enable_grad():  # a loss may differentiate inside (torch.autograd.grad)
         return float(check_loss(objective(lent.model)).detach())
 
 
@@ -54,16 +55,16 @@ def take_steps(
     steps: int,
     optimizer: Callable[[list[torch.nn.Parameter]], Any] | None,
     seed: int,
-    grad_mode: bool = True,
+    call: str,
 ) -> str:
     """Take `steps` optimizer steps on the lent model's trainable parameters; return a note saying how."""
     params = [s.param for s in lent.saved_params if s.requires_grad and s.param.is_floating_point()]
     try:
         if optimizer is not None:
-            first, last, name = _user_steps(lent, objective, params, optimizer, steps, seed)
+            first, last, name = _user_steps(lent, objective, params, optimizer, steps, seed, call)
             how = f"{steps} step(s) of {name} (optimizer=)"
         else:
-            first, last, lr = _sgd_steps(lent, objective, params, steps, seed, grad_mode)
+            first, last, lr = _sgd_steps(lent, objective, params, steps, seed)
             how = f"{steps} SGD step(s) (lr={lr:.3g}, chosen so that the loss goes down)"
     finally:
         lent.clear_grads()
@@ -81,23 +82,26 @@ def _user_steps(
     factory: Callable[[list[torch.nn.Parameter]], Any],
     steps: int,
     seed: int,
+    call: str,
 ) -> tuple[float, float, str]:
     opt = factory(params)
     if not (callable(getattr(opt, "step", None)) and callable(getattr(opt, "zero_grad", None))):
-        raise TypeError(
-            f"optimizer= must return an optimizer (with .step() and .zero_grad()), got {type(opt).__name__}"
+        raise InvalidArgumentTypeError(
+            f"{call}: optimizer= must return an optimizer (with .step() and .zero_grad()) built on the "
+            f"parameters it is given, got {type(opt).__name__}; e.g. "
+            "optimizer=lambda params: torch.optim.SGD(params, lr=0.1)."
         )
     first = None
     for _ in range(steps):
         loss = _loss_and_grad(lent, objective, params, seed)
         first = loss if first is None else first
         opt.step()
-    last = _loss(lent, objective, seed, True)
+    last = _loss(lent, objective, seed)
     return float(first if first is not None else last), last, type(opt).__name__
 
 
 def _sgd_steps(
-    lent: Lent, objective: Objective, params: list[torch.nn.Parameter], steps: int, seed: int, grad_mode: bool
+    lent: Lent, objective: Objective, params: list[torch.nn.Parameter], steps: int, seed: int
 ) -> tuple[float, float, float]:
     loss0 = _loss_and_grad(lent, objective, params, seed)
     grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
@@ -110,7 +114,7 @@ def _sgd_steps(
         for _ in range(HALVINGS):
             for p, s, g in zip(params, start, grads):
                 p.copy_(s - lr * g)
-            if _loss(lent, objective, seed, grad_mode) < loss0:
+            if _loss(lent, objective, seed) < loss0:
                 break
             lr /= 2
         else:
@@ -123,4 +127,4 @@ def _sgd_steps(
             for p in params:
                 if p.grad is not None:
                     p.sub_(p.grad, alpha=lr)
-    return loss0, _loss(lent, objective, seed, grad_mode), lr
+    return loss0, _loss(lent, objective, seed), lr

@@ -325,3 +325,27 @@ def test_pinn_loss_that_differentiates_inside(detach, passes):
     if not passes:
         assert {r.name: r.status for r in report.results}["fc1.weight"] == "mismatch"
     assert_unchanged(before, model)
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_cli_after_steps_and_second_order(tmp_path, capsys):
+    from torchgradcheck.cli import main
+
+    path = tmp_path / "cases.py"
+    path.write_text(
+        "import torch\nfrom torch import nn\n"
+        "def lin():\n"
+        "    torch.manual_seed(0)\n"
+        "    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.MSELoss(), "
+        "(torch.randn(5, 3), torch.randn(5, 2))\n"
+    )
+    assert main(["check", f"{path}:lin", "--after-steps", "2", "--second-order", "--mode", "full"]) == 0
+    out = capsys.readouterr().out
+    assert "after_steps=2" in out
+    assert "second_order=True" in out
+    assert "0.weight (Hv)" in out
+    assert "2 SGD step(s)" in out
+    assert main(["check", f"{path}:lin", "--no-accumulation", "--json"]) == 0
+    assert '"accumulation": "off"' in capsys.readouterr().out

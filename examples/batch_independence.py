@@ -29,7 +29,10 @@ class SeqFirst(nn.Module):
 
 model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 2))
 x = torch.randn(4, 4)
-print(verify_batch_independence(model, x))  # train mode: fails, names 1 (BatchNorm1d)
+report = verify_batch_independence(model, x)  # train mode: fails, names 1 (BatchNorm1d)
+print(report.headline())
+print(report.table())
+print("hint:", report.hint)
 print(verify_batch_independence(model.eval(), x).headline())  # eval mode: passes
 
 print(verify_batch_independence(SeqFirst(3, bug=True), torch.randn(3, 5, 3)).headline())

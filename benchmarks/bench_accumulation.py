@@ -111,9 +111,7 @@ def main() -> None:
     model32, batch = _mlp100k()
     on = _median(lambda: verify_module(model32, F.cross_entropy, batch, mode="directional", progress=False), 5)
     off = _median(
-        lambda: verify_module(
-            model32, F.cross_entropy, batch, mode="directional", accumulation=False, progress=False
-        ),
+        lambda: verify_module(model32, F.cross_entropy, batch, mode="directional", accumulation=False, progress=False),
         5,
     )
     params = dict(model.named_parameters())

@@ -219,6 +219,27 @@ def _extras(accumulation: Any, after_steps: Any, optimizer: Any, second_order: A
     return _Extras(accumulation, after_steps, optimizer, second_order)
 
 
+def _check(
+    lent: Lent,
+    objective: Objective,
+    targets: list[Target],
+    options: CheckOptions,
+    bar: Any,
+    accumulation: bool,
+    compiled: Compiled | None,
+) -> Checked:
+    """`check_targets`; for a compiled model, the analytical side through it and the forward compared once."""
+    trained = None if compiled is None else compiled.compiled
+    tick, grow = bar.update, bar.grow
+    found = check_targets(
+        lent, objective, targets, options, tick, call=_CALL, grow=grow, accumulation=accumulation, trained=trained
+    )
+    if compiled is not None:
+        found.results.extend(compiled.forward_rows(lent, objective, options.seed, found.loss))
+        found.notes.append(compiled.note())
+    return found
+
+
 def _run(
     lent: Lent,
     objective: Objective,
@@ -244,20 +265,7 @@ def _run(
     device = targets[0].tensor.device if targets else torch.device("cpu")
     options = options.resolve(work_dtype, device, **extras.report())
     with progress_bar(2 + len(targets) * NOISE_POINTS, options.progress, "verify_module") as bar:
-        found: Checked = check_targets(
-            lent,
-            objective,
-            targets,
-            options,
-            bar.update,
-            call=_CALL,
-            grow=bar.grow,
-            accumulation=extras.accumulation,
-            trained=None if compiled is None else compiled.compiled,
-        )
-        if compiled is not None:
-            found.results.extend(compiled.forward_rows(lent, objective, options.seed, found.loss))
-            found.notes.append(compiled.note())
+        found = _check(lent, objective, targets, options, bar, extras.accumulation, compiled)
         second, evaluations = (
             check_second_order(
                 lent, objective, targets, options.seed, float(options.eps), float(options.rtol), options.atol

@@ -33,5 +33,6 @@ x = torch.randn(3, 4, requires_grad=True)
 
 report = verify_function(scaled_tanh, x, 2.0)
 print(report.headline())
-print(report.results[0].name, report.results[0].status)
-assert not report.passed
+for row in report.failures:
+    print(f"  {row.name}: {row.status}")
+assert [row.name for row in report.failures] == ["grad w.r.t. x"]

@@ -1,10 +1,11 @@
-# example: not-run-by-test-examples (tests/test_pytorch_harness.py runs it, with -W error)
 """torchgradcheck inside PyTorch's own test harness: TestCase + instantiate_device_type_tests.
 
 Run it as PyTorch runs its test files (`python examples/pytorch_testcase.py`) or with pytest.
 PyTorch's harness freezes the backend flags (torch.backends.disable_global_flags()) on import;
 the checks work under frozen flags and leave every flag as it was.
 """
+
+# example: not-run-by-test-examples (tests/test_pytorch_harness.py runs it, with -W error)
 
 import torch
 from torch import nn

@@ -134,3 +134,39 @@ def test_compiled_with_inductor_buggy_fails():
     bad = verify_module(_compiled(_model(scale=1.02), backend="inductor"), nn.MSELoss(), _batch(), mode="full")
     assert not bad.passed
     assert {r.name for r in bad.failures} == {"0.weight", "0.bias"}
+
+
+# torch's own warning, raised while dynamo traces a module's _call_impl (model.compile()) around an
+# autograd.Function, with or without torchgradcheck (a plain forward + backward raises it too).
+_DYNAMO_GRAD_WARNING = "ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning"
+
+
+@pytest.mark.filterwarnings(_DYNAMO_GRAD_WARNING)
+def test_module_compiled_in_place_correct_and_buggy():
+    """``model.compile()`` (compiled in place): same split, and the compiled call is put back after."""
+    model = _model()
+    model.compile(backend="aot_eager")
+    impl = model._compiled_call_impl
+    report = verify_module(model, nn.MSELoss(), _batch(), mode="full")
+    assert report.passed, report
+    assert any(n.startswith("model.compile()") for n in report.notes), report.notes
+    assert model._compiled_call_impl is impl
+    buggy = _model(scale=1.02, only_compiled=True)
+    buggy.compile(backend="aot_eager")
+    bad = verify_module(buggy, nn.MSELoss(), _batch(), mode="full", localise=True)
+    assert not bad.passed
+    assert buggy._compiled_call_impl is not None
+
+
+@pytest.mark.filterwarnings(_DYNAMO_GRAD_WARNING)
+def test_module_compiled_in_place_restored_when_the_loss_raises():
+    model = _model()
+    model.compile(backend="aot_eager")
+    impl = model._compiled_call_impl
+
+    def broken(out, target):
+        raise RuntimeError("loss failed")
+
+    with pytest.raises(RuntimeError, match="loss failed"):
+        verify_module(model, broken, _batch(), mode="full")
+    assert model._compiled_call_impl is impl

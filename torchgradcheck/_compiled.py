@@ -20,7 +20,9 @@ imported here: if it is not loaded, no model can be an ``OptimizedModule``.
 
 from __future__ import annotations
 
+import contextlib
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,16 +34,31 @@ from ._engines import LoopEngine
 from ._params import Lent
 from ._report import TensorResult
 
-__all__ = ["Compiled", "compare_forward", "split_compiled"]
+__all__ = ["Compiled", "compare_forward", "eager_calls", "split_compiled"]
+
+
+class _CompiledCall:
+    """A module compiled in place (``model.compile()``) seen from outside: calls go through its compiled
+    call, attributes to the module (a ``forward=`` may use them)."""
+
+    def __init__(self, module: nn.Module, impl: Any) -> None:
+        self._module, self._impl = module, impl
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._impl(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
 
 
 @dataclass(frozen=True)
 class Compiled:
-    """An ``OptimizedModule`` taken apart: the module that runs compiled, and its eager original."""
+    """A compiled model taken apart: what runs compiled, and the eager module behind it."""
 
-    compiled: nn.Module  # what the user trains with; the analytical side runs through it
-    eager: nn.Module  # ``compiled._orig_mod``: the numerical side, and the names
+    compiled: Any  # what the user trains with; the analytical side runs through it
+    eager: nn.Module  # ``compiled._orig_mod`` (or the module compiled in place): numerical side, names
     backend: str
+    in_place: Any = None  # the compiled call of ``model.compile()``, set aside while checking
 
     def forward_rows(
         self, lent: Lent, objective: Objective, seed: int, compiled_loss: torch.Tensor
@@ -52,15 +69,19 @@ class Compiled:
         return [] if row is None else [row]
 
     def note(self) -> str:
+        how = "model.compile()" if self.in_place is not None else f"torch.compile (backend={self.backend})"
         return (
-            f"torch.compile (backend={self.backend}): the autograd side is the compiled module's backward "
+            f"{how}: the autograd side is the compiled module's backward "
             "(what you train with); the numerical side runs the eager module (_orig_mod); the compiled "
             "forward was compared with the eager one at the unperturbed point"
         )
 
 
 def split_compiled(model: Any) -> Compiled | None:
-    """``Compiled`` for an ``OptimizedModule`` (``torch.compile(model)``), None for anything else."""
+    """``Compiled`` for ``torch.compile(model)`` or a ``model.compile()``'d module, None for anything else."""
+    in_place = getattr(model, "_compiled_call_impl", None) if isinstance(model, nn.Module) else None
+    if in_place is not None:
+        return Compiled(compiled=_CompiledCall(model, in_place), eager=model, backend="", in_place=in_place)
     frames = sys.modules.get("torch._dynamo.eval_frame")
     optimized = getattr(frames, "OptimizedModule", None)
     if optimized is None or not isinstance(model, optimized):
@@ -69,6 +90,20 @@ def split_compiled(model: Any) -> Compiled | None:
     if not isinstance(eager, nn.Module):  # torch.compile of a plain function wrapped oddly: not ours
         return None
     return Compiled(compiled=model, eager=eager, backend=_backend_name(model))
+
+
+@contextlib.contextmanager
+def eager_calls(compiled: Compiled | None) -> Iterator[None]:
+    """While checking, a ``model.compile()``'d module runs eagerly when called (its compiled call is put
+    back on exit, whatever happens); the analytical side calls the compiled one through `_CompiledCall`."""
+    if compiled is None or compiled.in_place is None:
+        yield
+        return
+    compiled.eager._compiled_call_impl = None
+    try:
+        yield
+    finally:
+        compiled.eager._compiled_call_impl = compiled.in_place
 
 
 def _backend_name(model: Any) -> str:

@@ -13,7 +13,7 @@ from torch import nn
 
 from ._batch import Objective, input_targets
 from ._check import Checked, check_module_call, check_targets, prepare
-from ._compiled import Compiled, split_compiled
+from ._compiled import Compiled, eager_calls, split_compiled
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._hessian import check_second_order
 from ._noise import NOISE_POINTS
@@ -145,14 +145,15 @@ def verify_module(
     if localise is not None and not isinstance(localise, bool):
         raise InvalidArgumentTypeError(f"{_CALL}: localise= must be True, False or None, got {localise!r}.")
     extras = _extras(accumulation, after_steps, optimizer, second_order)
-    with preserved_global_state(), lend_model(model, dtype) as lent:
+    with eager_calls(compiled), preserved_global_state(), lend_model(model, dtype) as lent:
         report = _run(lent, objective, checked, skipped, inputs, options, start, extras, compiled)
         if after_steps and (localise or (localise is None and not report.passed)):
             # localise at the stepped point, where the bug showed: the lent model holds the stepped copies
             report = _localised(report, lent.model, loss_fn, batch, forward, dtype, seed, engine, inputs, start)
             localise = False
     if localise or (localise is None and not report.passed):
-        report = _localised(report, model, loss_fn, batch, forward, dtype, seed, engine, inputs, start)
+        with eager_calls(compiled):
+            report = _localised(report, model, loss_fn, batch, forward, dtype, seed, engine, inputs, start)
     return report
 
 

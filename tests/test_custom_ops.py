@@ -337,3 +337,31 @@ def test_custom_op_db_buggy_twins_fail(capfd):
     assert [r.name for r in mul.failures] == ["grad w.r.t. x"]
     cube = _check_quietly(capfd, numpy_cube_bug, x)
     assert [r.name for r in cube.failures] == ["grad of output 1 w.r.t. x"]  # only the second output's term
+
+
+class _OpModel(torch.nn.Module):
+    """A Linear followed by a custom op: verify_module meets the op inside a model."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 3)
+        self.op = op
+
+    def forward(self, x):
+        return self.op(self.fc(x))
+
+
+@pytest.mark.parametrize(("op", "bug"), [(mysin, False), (mysin_bug, True)], ids=["correct", "buggy"])
+def test_custom_op_inside_a_module_quietly_on_the_loop(capfd, op, bug):
+    from torchgradcheck import verify_module
+
+    model = _OpModel(op)
+    x, y = torch.randn(8, 4), torch.randn(8, 3)
+    capfd.readouterr()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report = verify_module(model, torch.nn.MSELoss(), (x, y), mode="full", localise=False)
+    assert capfd.readouterr().err == ""
+    assert report.passed is not bug, report
+    assert report.engine == "loop"
+    assert any(f"{NS}::{op._name} has no vmap batching rule" in n for n in report.notes), report.notes

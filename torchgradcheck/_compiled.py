@@ -9,9 +9,11 @@
   the user trains with, so a wrong Inductor kernel or a custom Function whose backward is wrong as
   traced under compile fails the check;
 * parameters are named as the eager module names them (``0.weight``);
-* the compiled forward is compared once with the eager forward at the unperturbed point; a
-  difference beyond the agreement slack of the engines (``1e4·u·|L| + 10·nondet``, as for vmap)
-  is a row of its own, status ``compiled forward differs``, which fails the check.
+* the compiled forward is compared once with the eager forward at the unperturbed point, before
+  anything else; a difference beyond the agreement slack of the engines (``1e4·u·|L| + 10·nondet``,
+  as for vmap) is a row of its own, status ``compiled forward differs``, which fails the check, and
+  the gradients are not compared (finite differences of the eager forward would not be differences
+  of what the compiled model computes).
 
 Only the checking dtype changes the compiled module's guards, so the check costs one compile (in
 float64; none with ``dtype=None`` once the user has run the model). ``torch._dynamo`` is never
@@ -29,10 +31,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._batch import Objective
+from ._batch import Objective, check_loss
 from ._engines import LoopEngine
 from ._params import Lent
 from ._report import TensorResult
+from ._state import reseed
 
 __all__ = ["Compiled", "compare_forward", "eager_calls", "split_compiled"]
 
@@ -60,13 +63,16 @@ class Compiled:
     backend: str
     in_place: Any = None  # the compiled call of ``model.compile()``, set aside while checking
 
-    def forward_rows(
-        self, lent: Lent, objective: Objective, seed: int, compiled_loss: torch.Tensor
-    ) -> list[TensorResult]:
-        """``[row]`` when the compiled forward (its loss from the analytical pass) differs from the eager one."""
-        eager_loss, nondet = LoopEngine(lent, objective, seed).loss_twice()
-        row = compare_forward(compiled_loss, eager_loss, nondet)
-        return [] if row is None else [row]
+    def forward_differs(self, lent: Lent, objective: Objective, seed: int) -> TensorResult | None:
+        """The failing ``compiled forward`` row if the compiled forward (grad enabled, as in training)
+        and the eager forward give different losses at the unperturbed point, else None."""
+        engine = LoopEngine(lent, objective, seed)
+        eager_loss, nondet = engine.loss_twice()
+        with torch.enable_grad():
+            lent.reset_buffers()
+            reseed(seed)
+            compiled_loss = check_loss(objective(self.compiled)).detach().to(torch.float64)
+        return compare_forward(compiled_loss, eager_loss, nondet)
 
     def note(self) -> str:
         how = "model.compile()" if self.in_place is not None else f"torch.compile (backend={self.backend})"

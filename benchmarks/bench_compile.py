@@ -120,7 +120,14 @@ def _verdict(passed: bool, bug: bool) -> str:
     return ("pass" if passed else "FAIL") + ("" if right else " (wrong)")
 
 
+def _warm_up_inductor() -> None:
+    """One throwaway compile, untimed: the first in a process also imports Inductor (10-20 s)."""
+    tiny = torch.compile(nn.Linear(2, 1).double())
+    tiny(torch.zeros(1, 2, dtype=torch.float64)).sum().backward()
+
+
 def rows(only: str = "") -> list[str]:
+    _warm_up_inductor()
     out = [
         "| workload | params | method | engine | time correct (s) | verdict correct | verdict bug |",
         "|---|---|---|---|---|---|---|",

@@ -37,7 +37,7 @@ from ._params import Lent
 from ._report import TensorResult
 from ._state import reseed
 
-__all__ = ["Compiled", "compare_forward", "eager_calls", "split_compiled"]
+__all__ = ["Compiled", "compare_forward", "eager_calls", "no_donated_buffers", "split_compiled"]
 
 
 class _CompiledCall:
@@ -110,6 +110,23 @@ def eager_calls(compiled: Compiled | None) -> Iterator[None]:
         yield
     finally:
         compiled.eager._compiled_call_impl = compiled.in_place
+
+
+@contextlib.contextmanager
+def no_donated_buffers() -> Iterator[None]:
+    """Graphs compiled inside keep their backward's buffers (AOTAutograd's ``donated_buffer`` off).
+
+    With donated buffers (Inductor's default), a compiled backward frees saved tensors it reuses and
+    refuses ``retain_graph=True``, which the accumulation check needs (a second backward through the
+    same graph). Off, the compiled backward computes the same values, with a little more memory.
+    """
+    from torch._functorch import config
+
+    if not hasattr(config, "donated_buffer"):
+        yield
+        return
+    with config.patch(donated_buffer=False):
+        yield
 
 
 def _backend_name(model: Any) -> str:

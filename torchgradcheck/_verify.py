@@ -13,7 +13,7 @@ from torch import nn
 
 from ._batch import Objective, input_targets
 from ._check import Checked, check_module_call, check_targets, prepare
-from ._compiled import Compiled, eager_calls, split_compiled
+from ._compiled import Compiled, eager_calls, no_donated_buffers, split_compiled
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._hessian import check_second_order
 from ._noise import NOISE_POINTS
@@ -231,20 +231,37 @@ def _check(
 ) -> Checked:
     """`check_targets`; a compiled model's forward is compared with the eager one first, and its backward
     gives the analytical side (`_compiled`)."""
-    if compiled is not None:
+    if compiled is None:
+        return check_targets(
+            lent, objective, targets, options, bar.update, call=_CALL, grow=bar.grow, accumulation=accumulation
+        )
+    with no_donated_buffers():
         differs = compiled.forward_differs(lent, objective, options.seed)
         if differs is not None:
             why = "not checked: the compiled forward differs from the eager one (see the row 'compiled forward')"
             rows = [TensorResult(name=t.name, shape=tuple(t.tensor.shape), status="skipped", note=why) for t in targets]
             return Checked([differs, *rows], 0, "loop", torch.zeros((), dtype=torch.float64), [compiled.note()])
-    trained = None if compiled is None else compiled.compiled
-    tick, grow = bar.update, bar.grow
-    found = check_targets(
-        lent, objective, targets, options, tick, call=_CALL, grow=grow, accumulation=accumulation, trained=trained
-    )
-    if compiled is not None:
-        found.notes.append(compiled.note())
+        try:
+            found = check_targets(
+                lent, objective, targets, options, bar.update, call=_CALL, grow=bar.grow,
+                accumulation=accumulation, trained=compiled.compiled,
+            )  # fmt: skip
+        except RuntimeError as exc:
+            if not accumulation or "donated buffers" not in str(exc):
+                raise
+            lent.clear_grads()  # a graph the user compiled before, with donated buffers: one backward only
+            found = check_targets(
+                lent, objective, targets, options, bar.update, call=_CALL, grow=bar.grow, trained=compiled.compiled
+            )
+            found.notes.append(_NO_ACCUMULATION)
+    found.notes.append(compiled.note())
     return found
+
+
+_NO_ACCUMULATION = (
+    "accumulation: not checked, because the compiled backward frees its buffers after one backward "
+    "(donated buffers; compiled before the check) and allows no second one"
+)
 
 
 def _run(

@@ -31,6 +31,7 @@ from . import _verify
 from ._batch import Objective, input_targets
 from ._check import Settings, TensorCheck, measure, summarise
 from ._compare import relative_error
+from ._dtensor import fsdp_modules, is_dtensor, local_tensor, reshard
 from ._engines import Engine, LoopEngine, VmapEngine
 from ._errors import InvalidArgumentError
 from ._noise import NOISE_POINTS, unit_roundoff
@@ -357,11 +358,16 @@ def verify_distributed(
             f"{CALL}: engine='vmap' needs split=True: a distributed model runs every "
             "forward on every rank in lockstep, one at a time (use engine='auto')."
         )
+    fsdp = fsdp_modules(model)
+    reshard(fsdp)  # a root FSDP2 module keeps unsharded parameters after a forward: its DTensors are the sharded ones
     checked, skipped, objective = _verify.prepare(CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
+    check_dtensors(checked, dtype, split)
     with preserved_global_state(), lend_model(model, dtype) as lent:
         if dtype == torch.float64:
             torch.set_default_dtype(torch.float64)
-        targets = [Target(name, p.data, kind="parameter", param=p) for name, p in checked]
+        targets = [
+            Target(name, local_tensor(p) if is_dtensor(p) else p.data, kind="parameter", param=p) for name, p in checked
+        ]
         if inputs:
             targets += input_targets(objective.batch)
         work_dtype = targets[0].tensor.dtype if targets else torch.float64
@@ -379,7 +385,7 @@ def verify_distributed(
                 from ._placement import run_lockstep
 
                 results, evaluations, overall = run_lockstep(
-                    lent, objective, targets, placement, is_ddp, settings, seed, group, notes, bar.update
+                    lent, objective, targets, placement, is_ddp, settings, seed, group, notes, bar.update, fsdp
                 )
                 engine_used = "lockstep loop"
         seconds = float(reduced(torch.tensor([time.perf_counter() - start]), dist.ReduceOp.MAX, group)[0])
@@ -406,6 +412,32 @@ def verify_distributed(
         engine=engine_used,
         notes=tuple(notes),
     )
+
+
+def check_dtensors(checked: list[tuple[str, Any]], dtype: torch.dtype | None, split: bool) -> None:
+    """DTensor parameters are checked in place, in their own dtype, in lockstep (see `_dtensor`)."""
+    dtensors = [(n, p) for n, p in checked if is_dtensor(p)]
+    if not dtensors:
+        return
+    if split:
+        raise InvalidArgumentError(
+            f"{CALL}: split=True is for a replicated model without collectives in its forward, but "
+            f"{dtensors[0][0]} is a DTensor (tensor parallel or FSDP2): use split=False."
+        )
+    other = [(n, p) for n, p in dtensors if dtype is not None and p.dtype != dtype]
+    if other:
+        name, p = other[0]
+        raise InvalidArgumentError(
+            f"{CALL}: {name} is a DTensor in {p.dtype}, but dtype={dtype}: DTensor shards are checked in place "
+            "(their collectives read their own storage), in the model's own dtype. Convert the model before "
+            f"sharding it (model.to({dtype}) before parallelize_module / fully_shard), or pass dtype=None."
+        )
+    for name, p in dtensors:
+        if not local_tensor(p).is_contiguous():
+            raise InvalidArgumentError(
+                f"{CALL}: {name} is a DTensor whose local shard is not contiguous (strides "
+                f"{local_tensor(p).stride()}); the check perturbs the shard in place and needs it contiguous."
+            )
 
 
 def work_device(targets: list[Target]) -> torch.device:

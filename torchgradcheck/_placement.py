@@ -44,6 +44,7 @@ from ._distributed import (
     spread,
     target_generator,
 )
+from ._dtensor import assemble, dtensor_placement, global_index, is_dtensor, owners_note, reshard
 from ._engines import LoopEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._params import Lent, Target
@@ -113,15 +114,64 @@ class LockstepEngine(LoopEngine):
 
 
 class _MeanOverRanks(Objective):
-    """DDP's objective: the mean over ranks of each rank's own loss (evaluations only, no graph)."""
+    """DDP's and FSDP2's objective: the mean over ranks of each rank's own loss (evaluations only, no graph)."""
 
-    def __init__(self, inner: Objective, group: Any) -> None:
+    def __init__(self, inner: Objective, group: Any, fsdp: list[Any]) -> None:
         super().__init__(inner.loss_fn, inner.batch, inner.forward)
         self.group = group
+        self.fsdp = fsdp
 
     def __call__(self, model: Any) -> Any:
         local = torch.as_tensor(super().__call__(model)).detach()
+        reshard(self.fsdp)  # FSDP2 keeps the root unsharded after a forward: the next one must all-gather again
         return reduced(local.reshape(1), dist.ReduceOp.SUM, self.group)[0] / dist.get_world_size(self.group)
+
+
+def _dtensor_placements(dtensors: dict[str, Any], placement: Any, names: list[str]) -> dict[str, str]:
+    """The placement of every DTensor parameter, read from it; placement= may not name one."""
+    if placement is not None and isinstance(placement, Mapping):
+        for pattern in placement:
+            named = [n for n in dtensors if n == pattern or fnmatch.fnmatchcase(n, str(pattern))]
+            if named:
+                raise InvalidArgumentError(
+                    f"{CALL}: placement key {pattern!r} names the DTensor parameter {named[0]}, whose placements "
+                    f"{tuple(dtensors[named[0]].placements)} are read from it; leave it out of placement= "
+                    "(placement= is for plain-tensor parameters and inputs)."
+                )
+    out = {}
+    for name, param in dtensors.items():
+        where = dtensor_placement(name, param)
+        if where is None:
+            raise InvalidArgumentError(
+                f"{CALL}: {name} is a DTensor with placements {tuple(param.placements)}; the check supports Shard "
+                "on every mesh dimension (each rank owns its block) or Replicate on every one (HSDP-style "
+                "replicated shards and Partial parameters are not supported): check it on a 1-D mesh."
+            )
+        out[name] = where
+    return out
+
+
+def _to_cpu(check: TensorCheck) -> TensorCheck:
+    return dataclasses.replace(
+        check,
+        analytical=check.analytical.detach().cpu(),
+        numerical=check.numerical.detach().cpu(),
+        tolerance=check.tolerance.detach().cpu(),
+        kink=check.kink.cpu(),
+        index=None if check.index is None else check.index.cpu(),
+    )
+
+
+def _global_result(t: Target, blocks: list[tuple[torch.Tensor, TensorCheck | None, bool]]) -> ParameterResult:
+    """One result over the global tensor of a sharded DTensor, from every rank's block; the note names owner ranks."""
+    param: Any = t.param
+    check, owner = assemble(param.numel(), [(index, c) for index, c, _ in blocks])
+    whole = Target(t.name, torch.empty(tuple(param.shape), dtype=t.tensor.dtype), kind=t.kind, param=param)
+    res = summarise(whole, check, any(has for _, _, has in blocks))
+    err = (check.analytical - check.numerical).abs()
+    over = ~(err <= check.tolerance) & ~check.kink  # NaN counts as over, as in summarise
+    where = owners_note(param.placements, len(blocks), over, owner)
+    return dataclasses.replace(res, note="; ".join(n for n in (res.note, where) if n))
 
 
 def resolve_placement(placement: Any, names: list[str]) -> dict[str, str]:
@@ -222,26 +272,40 @@ def run_lockstep(
     group: Any,
     notes: list[str],
     tick: Tick,
+    fsdp: list[Any] | None = None,
 ) -> tuple[list[ParameterResult], int, float]:
-    """Check a distributed model; returns the merged results, the forwards per rank, the relative error."""
+    """Check a distributed model; returns the merged results, the forwards per rank, the relative error.
+
+    DTensor parameters carry their own placement (`_dtensor`); `fsdp` lists the FSDP2 modules, whose
+    objective is the mean of the ranks' losses (as for DDP) and which are resharded after every forward.
+    """
     rank, size = rank_and_size(group)
     names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
     where = resolve_placement(placement, names)
+    dtensors = {t.name: t.param for t in targets if t.kind == "parameter" and is_dtensor(t.param)}
+    where.update(_dtensor_placements(dtensors, placement, names))
+    mean_over_ranks = is_ddp or bool(fsdp)
     if is_ddp and (any(v == "sharded" for v in where.values()) or any(t.kind == "input" for t in targets)):
         raise InvalidArgumentError(
             f"{CALL}: a DistributedDataParallel model is replicated and DDP averages parameter gradients only: "
             "pass neither sharded placements nor inputs=True (check input gradients with verify_module)."
         )
+    if fsdp and any(t.kind == "input" for t in targets):
+        raise InvalidArgumentError(
+            f"{CALL}: an FSDP2 (fully_shard) model is data parallel: each rank's batch reaches only its own loss, "
+            "so inputs=True is not supported (check input gradients with verify_module)."
+        )
     for t in targets:
         if where[t.name] == "replicated":
             _check_replicated(t, group)
     loss0, grads = analytical(lent, objective, targets, seed)
-    if is_ddp:
-        objective = _MeanOverRanks(objective, group)
+    if mean_over_ranks:
+        objective = _MeanOverRanks(objective, group, fsdp or [])
         loss0 = reduced(loss0.reshape(1), dist.ReduceOp.SUM, group)[0] / size
+        how = "DDP's averaging all-reduce" if is_ddp else "FSDP2's averaging reduce-scatter"
         notes.append(
             f"objective: the global loss = mean over {size} ranks of each rank's loss, whose gradient is "
-            "what DDP's averaging all-reduce writes into .grad"
+            f"what {how} writes into .grad"
         )
     else:
         gap = float(spread(loss0.reshape(1), group)[0])
@@ -252,7 +316,13 @@ def run_lockstep(
                 "reduce the output of the last row-parallel layer); for data parallelism wrap the model in DDP."
             )
         notes.append(f"objective: the replicated loss (identical on all {size} ranks, checked at every evaluation)")
-    sharded = [t.name for t in targets if where[t.name] == "sharded"]
+    sharded = [t.name for t in targets if where[t.name] == "sharded" and t.name not in dtensors]
+    if dtensors:
+        notes.append(
+            "placement: from the DTensor parameters ("
+            + ", ".join(f"{n}: {', '.join(map(repr, p.placements))}" for n, p in dtensors.items())
+            + "); a sharded one is perturbed on its owner rank, element by element, and reported by global index"
+        )
     if sharded:
         notes.append(
             f"placement: sharded (perturbed on each owner rank in turn, shown per rank): "
@@ -266,6 +336,7 @@ def run_lockstep(
     gaps: list[tuple[float, float]] = []  # replicated tensors: spread of the gradient across ranks, and its bound
     sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
     message = None
+    blocks: dict[str, tuple[torch.Tensor, TensorCheck | None, bool]] = {}  # sharded DTensors: this rank's block
     for k, t in enumerate(targets):
         g = grads[t.name]
         a = g if g is not None else torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
@@ -284,13 +355,16 @@ def run_lockstep(
                     engine.follow(owner)
                     continue
                 try:
-                    check = measure(engine, t, a, loss0, nondet, settings, target_generator(seed, k))
+                    if t.tensor.numel():  # an FSDP2 shard can be empty on the last ranks
+                        check = measure(engine, t, a, loss0, nondet, settings, target_generator(seed, k))
                 except Exception as exc:  # agreed on after the loop; the followers are released first
                     message = message or f"{t.name}: {type(exc).__name__}: {exc}"
                 finally:
                     engine.finish()
             engine.owner = None
         local.append(None if check is None else summarise(t, check, g is not None))
+        if t.name in dtensors and where[t.name] == "sharded":
+            blocks[t.name] = (global_index(t.param), None if check is None else _to_cpu(check), g is not None)
         if check is not None and (where[t.name] == "sharded" or rank == 0):
             keep = ~check.kink
             a_, n_ = check.analytical[keep].cpu(), check.numerical[keep].cpu()
@@ -305,13 +379,15 @@ def run_lockstep(
             "in the forward?), or declare the tensor's placement correctly."
         )
     gathered: list[Any] = [None] * size
-    dist.all_gather_object(gathered, local, group=group)
+    dist.all_gather_object(gathered, (local, blocks), group=group)
     results: list[ParameterResult] = []
     for k, t in enumerate(targets):
         if where[t.name] == "replicated":
-            results.append(_merge_replicated([gathered[r][k] for r in range(size)], *gaps[k]))
+            results.append(_merge_replicated([gathered[r][0][k] for r in range(size)], *gaps[k]))
+        elif t.name in dtensors:
+            results.append(_global_result(t, [gathered[r][1][t.name] for r in range(size)]))
         else:
-            results += [_renamed(gathered[r][k], r) for r in range(size)]
+            results += [_renamed(gathered[r][0][k], r) for r in range(size)]
     total = reduced(sums, dist.ReduceOp.SUM, group)
     denom = math.sqrt(float(total[1])) + math.sqrt(float(total[2]))
     overall = 0.0 if denom == 0.0 else math.sqrt(float(total[0])) / denom

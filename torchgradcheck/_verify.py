@@ -13,6 +13,7 @@ from torch import nn
 
 from ._batch import BatchError, Objective, check_loss, convert_batch, input_targets, module_is_lazy
 from ._check import Settings
+from ._dtensor import is_dtensor, local_grad
 from ._engines import Engine, LoopEngine, VmapEngine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._modes import MODES, TensorJob, check_tensor, measure_noise, plan
@@ -235,7 +236,12 @@ def analytical(
             f"{str(exc).splitlines()[0][:200]}); its own dtype is {sorted(map(str, own))}. If its kernels "
             "only run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
         ) from exc
-    grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
+    grads = {
+        t.name: local_grad(t.param, t.param.grad)
+        if is_dtensor(t.param)
+        else dense_grad(t.param.grad if t.param is not None else None)
+        for t in targets
+    }
     lent.clear_grads()
     for t in targets:
         if t.kind == "input":

@@ -73,10 +73,17 @@ def job(rank: int, world: int) -> dict[str, Any]:
     model, loss_fn, batch = _float32_tp(rank, world)
     out["float32_default_dtype"] = _run(model, loss_fn, batch)
     out["float32_dtype_none"] = _run(model, loss_fn, batch, dtype=None)
+    if rank == 1:
+        model[0].weight.register_hook(lambda g: g * 1.02)
+    out["float32_rank1_scaled"] = _run(model, loss_fn, batch)
     out["placement_names_dtensor"] = _run(*tp_mlp(rank, world), placement={"0.weight": "sharded"})
     out["split"] = _run(*tp_mlp(rank, world), split=True)
     out["fsdp_inputs"] = _run(*fsdp_mlp(rank, world), inputs=True)
     out["tp_inputs"] = _run(*tp_mlp(rank, world), inputs=True)
+    model, loss_fn, batch = fsdp_mlp(rank, world)
+    if rank == 1:  # a module only rank 1 has: the parameter names differ
+        model.extra = torch.nn.Linear(1, 1).double()
+    out["names_differ"] = _run(model, loss_fn, batch)
     return out
 
 
@@ -200,9 +207,9 @@ def test_fsdp2_bug_on_one_ranks_shard_names_the_rank(outcomes):
 
 
 ERRORS = {
-    "float32_default_dtype": r"0\.weight is a DTensor in torch\.float32, but dtype=torch\.float64: .* pass dtype=None",
     "placement_names_dtensor": r"placement key '0\.weight' names the DTensor parameter 0\.weight",
     "split": r"split=True is for a replicated model without collectives .* 0\.weight is a DTensor",
+    "names_differ": r"the checked tensors differ across ranks: rank 0 has \['0\.weight'.* rank 1 has .*'extra\.weight'",
     "fsdp_inputs": r"FSDP2 \(fully_shard\) model is data parallel.* inputs=True is not supported",
 }
 
@@ -219,10 +226,20 @@ def test_dtensor_argument_errors_name_the_fix_on_every_rank(outcomes, case):
 
 
 @pytest.mark.slow
-def test_float32_dtensor_model_checked_in_its_own_dtype_with_dtype_none(outcomes):
-    report = _report(outcomes, "float32_dtype_none")
+@pytest.mark.parametrize("case", ["float32_default_dtype", "float32_dtype_none"])
+def test_float32_dtensor_model_checked_in_its_own_dtype(outcomes, case):
+    report = _report(outcomes, case)
     assert report.passed, report
     assert report.options["dtype"] == "float32"
+    warned = "checked in the model's own dtype (float32), not float64" in str(report)
+    assert warned == (case == "float32_default_dtype"), report
+
+
+@pytest.mark.slow
+def test_float32_dtensor_model_bug_on_one_rank_still_fails(outcomes):
+    report = _report(outcomes, "float32_rank1_scaled")
+    assert [f.name for f in report.failures] == ["0.weight"], report
+    assert "failing elements on rank 1 only" in report.failures[0].note
 
 
 @pytest.mark.slow

@@ -360,8 +360,8 @@ def verify_distributed(
         )
     fsdp = fsdp_modules(model)
     reshard(fsdp)  # a root FSDP2 module keeps unsharded parameters after a forward: its DTensors are the sharded ones
+    dtype, own_dtype = dtensor_dtype(model, dtype, split)
     checked, skipped, objective = _verify.prepare(CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
-    check_dtensors(checked, dtype, split)
     with preserved_global_state(), lend_model(model, dtype) as lent:
         if dtype == torch.float64:
             torch.set_default_dtype(torch.float64)
@@ -373,7 +373,7 @@ def verify_distributed(
         work_dtype = targets[0].tensor.dtype if targets else torch.float64
         eps_, rtol_ = resolve_tolerances(dtype or work_dtype, eps, rtol)
         settings = Settings(eps=eps_, rtol=rtol_, atol=atol)
-        notes: list[str] = []
+        notes: list[str] = [] if own_dtype is None else [own_dtype]
         rank, size = rank_and_size(group)
         total = sum(2 * t.tensor.numel() + NOISE_POINTS for t in targets) // (size if split else 1)
         with progress_bar(total, progress if rank == 0 else False, "verify_distributed") as bar:
@@ -414,23 +414,19 @@ def verify_distributed(
     )
 
 
-def check_dtensors(checked: list[tuple[str, Any]], dtype: torch.dtype | None, split: bool) -> None:
-    """DTensor parameters are checked in place, in their own dtype, in lockstep (see `_dtensor`)."""
-    dtensors = [(n, p) for n, p in checked if is_dtensor(p)]
+def dtensor_dtype(model: nn.Module, dtype: torch.dtype | None, split: bool) -> tuple[torch.dtype | None, str | None]:
+    """The checking dtype for a model with DTensor parameters, and a warning if it is not `dtype`.
+
+    DTensor shards are checked in place (`_dtensor`), so in their own dtype: a model in another
+    dtype than `dtype` is checked in its own (``dtype=None``), and the report says so.
+    """
+    dtensors = [(n, p) for n, p in model.named_parameters() if is_dtensor(p)]
     if not dtensors:
-        return
+        return dtype, None
     if split:
         raise InvalidArgumentError(
             f"{CALL}: split=True is for a replicated model without collectives in its forward, but "
             f"{dtensors[0][0]} is a DTensor (tensor parallel or FSDP2): use split=False."
-        )
-    other = [(n, p) for n, p in dtensors if dtype is not None and p.dtype != dtype]
-    if other:
-        name, p = other[0]
-        raise InvalidArgumentError(
-            f"{CALL}: {name} is a DTensor in {p.dtype}, but dtype={dtype}: DTensor shards are checked in place "
-            "(their collectives read their own storage), in the model's own dtype. Convert the model before "
-            f"sharding it (model.to({dtype}) before parallelize_module / fully_shard), or pass dtype=None."
         )
     for name, p in dtensors:
         if not local_tensor(p).is_contiguous():
@@ -438,6 +434,15 @@ def check_dtensors(checked: list[tuple[str, Any]], dtype: torch.dtype | None, sp
                 f"{CALL}: {name} is a DTensor whose local shard is not contiguous (strides "
                 f"{local_tensor(p).stride()}); the check perturbs the shard in place and needs it contiguous."
             )
+    other = sorted({str(p.dtype).replace("torch.", "") for _, p in dtensors if dtype is not None and p.dtype != dtype})
+    if not other:
+        return dtype, None
+    return None, (
+        f"WARNING: checked in the model's own dtype ({', '.join(other)}), not {str(dtype).replace('torch.', '')}: "
+        "DTensor shards are checked in place, where their collectives read them, so they are not converted; "
+        "tolerances follow that dtype's noise. For a float64 check, convert the model before sharding it "
+        "(model.double() before parallelize_module / fully_shard)."
+    )
 
 
 def work_device(targets: list[Target]) -> torch.device:

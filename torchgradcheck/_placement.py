@@ -282,6 +282,14 @@ def run_lockstep(
     rank, size = rank_and_size(group)
     names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
     where = resolve_placement(placement, names)
+    seen: list[Any] = [None] * size
+    dist.all_gather_object(seen, [(t.name, t.kind) for t in targets], group=group)
+    differs = next((r for r in range(size) if seen[r] != seen[0]), None)
+    if differs is not None:
+        raise InvalidArgumentError(
+            f"{CALL}: the checked tensors differ across ranks: rank 0 has {[n for n, _ in seen[0]][:8]}, rank "
+            f"{differs} has {[n for n, _ in seen[differs]][:8]}; build the same modules (same names) on every rank."
+        )
     dtensors = {t.name: t.param for t in targets if t.kind == "parameter" and is_dtensor(t.param)}
     where.update(_dtensor_placements(dtensors, placement, names))
     mean_over_ranks = is_ddp or bool(fsdp)

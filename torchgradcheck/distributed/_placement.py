@@ -29,9 +29,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._batch import Objective, input_targets
-from ._check import Settings, TensorCheck, measure, noise_level, summarise
-from ._distributed import (
+from .._batch import Objective, input_targets
+from .._dtensor import is_dtensor
+from .._engines import LoopEngine
+from .._errors import InvalidArgumentError, InvalidArgumentTypeError
+from .._measure import Settings, TensorCheck, measure, noise_level, summarise
+from .._params import Lent, Target
+from .._report import TensorResult
+from ._collectives import (
     CALL,
     PLACEMENTS,
     Tick,
@@ -44,11 +49,7 @@ from ._distributed import (
     spread,
     target_generator,
 )
-from ._dtensor import assemble, dtensor_placement, global_index, is_dtensor, owners_note, reshard
-from ._engines import LoopEngine
-from ._errors import InvalidArgumentError, InvalidArgumentTypeError
-from ._params import Lent, Target
-from ._report import ParameterResult
+from ._dtensor import dtensor_placements, global_result, reshard, shard_block
 
 __all__ = ["LockstepEngine", "measure_agreed", "resolve_placement", "run_lockstep"]
 
@@ -127,53 +128,6 @@ class _MeanOverRanks(Objective):
         return reduced(local.reshape(1), dist.ReduceOp.SUM, self.group)[0] / dist.get_world_size(self.group)
 
 
-def _dtensor_placements(dtensors: dict[str, Any], placement: Any, names: list[str]) -> dict[str, str]:
-    """The placement of every DTensor parameter, read from it; placement= may not name one."""
-    if placement is not None and isinstance(placement, Mapping):
-        for pattern in placement:
-            named = [n for n in dtensors if n == pattern or fnmatch.fnmatchcase(n, str(pattern))]
-            if named:
-                raise InvalidArgumentError(
-                    f"{CALL}: placement key {pattern!r} names the DTensor parameter {named[0]}, whose placements "
-                    f"{tuple(dtensors[named[0]].placements)} are read from it; leave it out of placement= "
-                    "(placement= is for plain-tensor parameters and inputs)."
-                )
-    out = {}
-    for name, param in dtensors.items():
-        where = dtensor_placement(name, param)
-        if where is None:
-            raise InvalidArgumentError(
-                f"{CALL}: {name} is a DTensor with placements {tuple(param.placements)}; the check supports Shard "
-                "on every mesh dimension (each rank owns its block) or Replicate on every one (HSDP-style "
-                "replicated shards and Partial parameters are not supported): check it on a 1-D mesh."
-            )
-        out[name] = where
-    return out
-
-
-def _to_cpu(check: TensorCheck) -> TensorCheck:
-    return dataclasses.replace(
-        check,
-        analytical=check.analytical.detach().cpu(),
-        numerical=check.numerical.detach().cpu(),
-        tolerance=check.tolerance.detach().cpu(),
-        kink=check.kink.cpu(),
-        index=None if check.index is None else check.index.cpu(),
-    )
-
-
-def _global_result(t: Target, blocks: list[tuple[torch.Tensor, TensorCheck | None, bool]]) -> ParameterResult:
-    """One result over the global tensor of a sharded DTensor, from every rank's block; the note names owner ranks."""
-    param: Any = t.param
-    check, owner = assemble(param.numel(), [(index, c) for index, c, _ in blocks])
-    whole = Target(t.name, torch.empty(tuple(param.shape), dtype=t.tensor.dtype), kind=t.kind, param=param)
-    res = summarise(whole, check, any(has for _, _, has in blocks))
-    err = (check.analytical - check.numerical).abs()
-    over = ~(err <= check.tolerance) & ~check.kink  # NaN counts as over, as in summarise
-    where = owners_note(param.placements, len(blocks), over, owner)
-    return dataclasses.replace(res, note="; ".join(n for n in (res.note, where) if n))
-
-
 def resolve_placement(placement: Any, names: list[str]) -> dict[str, str]:
     """``{tensor name: "sharded" | "replicated"}`` for `names`, from the user's patterns (default replicated)."""
     if placement is None:
@@ -207,7 +161,7 @@ def measure_agreed(
     loss0: torch.Tensor,
     settings: Settings,
 ) -> TensorCheck:
-    """`_check.measure` of a replicated tensor on every rank at once, the second look agreed on.
+    """`_measure.measure` of a replicated tensor on every rank at once, the second look agreed on.
 
     The numerical side is the same on every rank but the analytical one may not be (that is the
     divergence the check reports), so the elements that failed the first pass on ANY rank get the
@@ -237,7 +191,7 @@ def _check_replicated(t: Target, group: Any) -> None:
         )
 
 
-def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float) -> ParameterResult:
+def _merge_replicated(per_rank: list[TensorResult], gap: float, bound: float) -> TensorResult:
     """One result for a replicated tensor: the first failing rank's, or rank 0's; divergence fails it."""
     failing = [(r, res) for r, res in enumerate(per_rank) if not res.passed]
     rank, res = failing[0] if failing else (0, per_rank[0])
@@ -257,7 +211,7 @@ def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float)
     return dataclasses.replace(res, status=status, note="; ".join(notes))
 
 
-def _renamed(res: ParameterResult, rank: int) -> ParameterResult:
+def _renamed(res: TensorResult, rank: int) -> TensorResult:
     return dataclasses.replace(res, name=f"rank{rank}:{res.name}")
 
 
@@ -273,64 +227,29 @@ def run_lockstep(
     notes: list[str],
     tick: Tick,
     fsdp: list[Any] | None = None,
-) -> tuple[list[ParameterResult], int, float]:
+) -> tuple[list[TensorResult], int, float]:
     """Check a distributed model; returns the merged results, the forwards per rank, the relative error.
 
-    DTensor parameters carry their own placement (`_dtensor`); `fsdp` lists the FSDP2 modules, whose
-    objective is the mean of the ranks' losses (as for DDP) and which are resharded after every forward.
+    DTensor parameters carry their own placement (`_dtensor`); `fsdp` lists the FSDP2 modules: their
+    objective is the mean of the ranks' losses (as for DDP), and they are resharded after every forward.
     """
-    rank, size = rank_and_size(group)
-    names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
-    where = resolve_placement(placement, names)
-    seen: list[Any] = [None] * size
-    dist.all_gather_object(seen, [(t.name, t.kind) for t in targets], group=group)
-    differs = next((r for r in range(size) if seen[r] != seen[0]), None)
-    if differs is not None:
-        raise InvalidArgumentError(
-            f"{CALL}: the checked tensors differ across ranks: rank 0 has {[n for n, _ in seen[0]][:8]}, rank "
-            f"{differs} has {[n for n, _ in seen[differs]][:8]}; build the same modules (same names) on every rank."
-        )
-    dtensors = {t.name: t.param for t in targets if t.kind == "parameter" and is_dtensor(t.param)}
-    where.update(_dtensor_placements(dtensors, placement, names))
-    mean_over_ranks = is_ddp or bool(fsdp)
-    if is_ddp and (any(v == "sharded" for v in where.values()) or any(t.kind == "input" for t in targets)):
-        raise InvalidArgumentError(
-            f"{CALL}: a DistributedDataParallel model is replicated and DDP averages parameter gradients only: "
-            "pass neither sharded placements nor inputs=True (check input gradients with verify_module)."
-        )
+    where, dtensors = _layout(lent, objective, targets, placement, group, notes)
     if fsdp and any(t.kind == "input" for t in targets):
         raise InvalidArgumentError(
             f"{CALL}: an FSDP2 (fully_shard) model is data parallel: each rank's batch reaches only its own loss, "
             "so inputs=True is not supported (check input gradients with verify_module)."
         )
+    if is_ddp and (any(v == "sharded" for v in where.values()) or any(t.kind == "input" for t in targets)):
+        raise InvalidArgumentError(
+            f"{CALL}: a DistributedDataParallel model is replicated and DDP averages parameter gradients only: "
+            "pass neither sharded placements nor inputs=True (check input gradients with verify_module)."
+        )
     for t in targets:
         if where[t.name] == "replicated":
             _check_replicated(t, group)
     loss0, grads = analytical(lent, objective, targets, seed)
-    if mean_over_ranks:
-        objective = _MeanOverRanks(objective, group, fsdp or [])
-        loss0 = reduced(loss0.reshape(1), dist.ReduceOp.SUM, group)[0] / size
-        how = "DDP's averaging all-reduce" if is_ddp else "FSDP2's averaging reduce-scatter"
-        notes.append(
-            f"objective: the global loss = mean over {size} ranks of each rank's loss, whose gradient is "
-            f"what {how} writes into .grad"
-        )
-    else:
-        gap = float(spread(loss0.reshape(1), group)[0])
-        if gap > same_bound(loss0.reshape(1), loss0.dtype):
-            raise InvalidArgumentError(
-                f"{CALL}: the loss is not replicated: it differs across ranks by {gap:.2e} (rank {rank}: "
-                f"{float(loss0)!r}). The check differentiates the loss every rank agrees on: all-reduce it (e.g. "
-                "reduce the output of the last row-parallel layer); for data parallelism wrap the model in DDP."
-            )
-        notes.append(f"objective: the replicated loss (identical on all {size} ranks, checked at every evaluation)")
+    objective, loss0 = _global_objective(objective, loss0, is_ddp, fsdp or [], group, notes)
     sharded = [t.name for t in targets if where[t.name] == "sharded" and t.name not in dtensors]
-    if dtensors:
-        notes.append(
-            "placement: from the DTensor parameters ("
-            + ", ".join(f"{n}: {', '.join(map(repr, p.placements))}" for n, p in dtensors.items())
-            + "); a sharded one is perturbed on its owner rank, element by element, and reported by global index"
-        )
     if sharded:
         notes.append(
             f"placement: sharded (perturbed on each owner rank in turn, shown per rank): "
@@ -339,45 +258,137 @@ def run_lockstep(
         )
     engine = LockstepEngine(lent, objective, seed, tick, group=group)
     _, nondet = engine.loss_twice()
-
-    local: list[ParameterResult | None] = []
-    gaps: list[tuple[float, float]] = []  # replicated tensors: spread of the gradient across ranks, and its bound
-    sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
-    message = None
-    blocks: dict[str, tuple[torch.Tensor, TensorCheck | None, bool]] = {}  # sharded DTensors: this rank's block
+    state = _Lockstep(engine, loss0, nondet, settings, seed, group)
     for k, t in enumerate(targets):
-        g = grads[t.name]
+        state.check(k, t, grads[t.name], where[t.name] == "replicated", t.name in dtensors)
+    agree_on_errors(state.message, group)
+    _check_drift(engine, targets, group)
+    return _gather(state, targets, where, group), engine.evaluations, state.overall()
+
+
+def _layout(
+    lent: Lent, objective: Objective, targets: list[Target], placement: Any, group: Any, notes: list[str]
+) -> tuple[dict[str, str], set[str]]:
+    """Where every tensor lives (placement=, DTensor placements), and the names of the DTensor parameters."""
+    _, size = rank_and_size(group)
+    seen: list[Any] = [None] * size
+    dist.all_gather_object(seen, [(t.name, t.kind) for t in targets], group=group)
+    differs = next((r for r in range(size) if seen[r] != seen[0]), None)
+    if differs is not None:
+        raise InvalidArgumentError(
+            f"{CALL}: the checked tensors differ across ranks: rank 0 has {[n for n, _ in seen[0]][:8]}, rank "
+            f"{differs} has {[n for n, _ in seen[differs]][:8]}; build the same modules (same names) on every rank."
+        )
+    names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
+    dtensors = {t.name: t.param for t in targets if t.kind == "parameter" and is_dtensor(t.param)}
+    where = resolve_placement(placement, names)
+    where.update(dtensor_placements(dtensors, placement))
+    if dtensors:
+        notes.append(
+            "placement: from the DTensor parameters ("
+            + ", ".join(f"{n}: {', '.join(map(repr, p.placements))}" for n, p in dtensors.items())
+            + "); a sharded one is perturbed on its owner rank, element by element, and reported by global index"
+        )
+    return where, set(dtensors)
+
+
+def _global_objective(
+    objective: Objective, loss0: torch.Tensor, is_ddp: bool, fsdp: list[Any], group: Any, notes: list[str]
+) -> tuple[Objective, torch.Tensor]:
+    """The loss every rank differentiates: DDP's and FSDP2's mean over ranks, else the (checked) replicated loss."""
+    rank, size = rank_and_size(group)
+    if is_ddp or fsdp:
+        how = "DDP's averaging all-reduce" if is_ddp else "FSDP2's averaging reduce-scatter"
+        notes.append(
+            f"objective: the global loss = mean over {size} ranks of each rank's loss, whose gradient is "
+            f"what {how} writes into .grad"
+        )
+        mean = reduced(loss0.reshape(1), dist.ReduceOp.SUM, group)[0] / size
+        return _MeanOverRanks(objective, group, fsdp), mean
+    gap = float(spread(loss0.reshape(1), group)[0])
+    if gap > same_bound(loss0.reshape(1), loss0.dtype):
+        raise InvalidArgumentError(
+            f"{CALL}: the loss is not replicated: it differs across ranks by {gap:.2e} (rank {rank}: "
+            f"{float(loss0)!r}). The check differentiates the loss every rank agrees on: all-reduce it (e.g. "
+            "reduce the output of the last row-parallel layer); for data parallelism wrap the model in DDP."
+        )
+    notes.append(f"objective: the replicated loss (identical on all {size} ranks, checked at every evaluation)")
+    return objective, loss0
+
+
+class _Lockstep:
+    """The per-target part of `run_lockstep`: this rank's results, the gaps, the error sums."""
+
+    def __init__(
+        self, engine: LockstepEngine, loss0: torch.Tensor, nondet: float, settings: Settings, seed: int, group: Any
+    ) -> None:
+        self.engine, self.loss0, self.nondet, self.settings, self.seed, self.group = (
+            engine,
+            loss0,
+            nondet,
+            settings,
+            seed,
+            group,
+        )
+        self.rank, self.size = rank_and_size(group)
+        self.local: list[TensorResult | None] = []
+        self.gaps: list[tuple[float, float]] = []  # replicated: spread of the gradient across ranks, its bound
+        self.sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
+        self.message: str | None = None
+        self.blocks: dict[str, Any] = {}  # sharded DTensors: this rank's block (`_dtensor.shard_block`)
+
+    def check(self, k: int, t: Target, g: torch.Tensor | None, replicated: bool, dtensor: bool = False) -> None:
         a = g if g is not None else torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
-        check: TensorCheck | None = None
-        if where[t.name] == "replicated":
-            engine.owner = None
-            sigma = noise_level(engine, t, loss0, nondet, target_generator(seed, k))
-            check = measure_agreed(engine, t, a, sigma, loss0, settings)
-            scale = reduced(a.abs().max().reshape(1), dist.ReduceOp.MAX, group) if a.numel() else torch.zeros(1)
-            gaps.append((float(spread(a, group).max()) if a.numel() else 0.0, same_bound(scale, t.tensor.dtype)))
+        if replicated:
+            check: TensorCheck | None = self._replicated(k, t, a)
         else:
-            gaps.append((0.0, 0.0))
-            for owner in range(size):
-                engine.owner = owner
-                if owner != rank:
-                    engine.follow(owner)
-                    continue
-                try:
-                    if t.tensor.numel():  # an FSDP2 shard can be empty on the last ranks
-                        check = measure(engine, t, a, loss0, nondet, settings, target_generator(seed, k))
-                except Exception as exc:  # agreed on after the loop; the followers are released first
-                    message = message or f"{t.name}: {type(exc).__name__}: {exc}"
-                finally:
-                    engine.finish()
-            engine.owner = None
-        local.append(None if check is None else summarise(t, check, g is not None))
-        if t.name in dtensors and where[t.name] == "sharded":
-            blocks[t.name] = (global_index(t.param), None if check is None else _to_cpu(check), g is not None)
-        if check is not None and (where[t.name] == "sharded" or rank == 0):
+            self.gaps.append((0.0, 0.0))
+            check = self._sharded(k, t, a)
+        self.local.append(None if check is None else summarise(t, check, g is not None))
+        if dtensor and not replicated:
+            self.blocks[t.name] = shard_block(t, check, g is not None)
+        if check is not None and (not replicated or self.rank == 0):
             keep = ~check.kink
             a_, n_ = check.analytical[keep].cpu(), check.numerical[keep].cpu()
-            sums += torch.stack([((a_ - n_) ** 2).sum(), (a_**2).sum(), (n_**2).sum()])
-    agree_on_errors(message, group)
+            self.sums += torch.stack([((a_ - n_) ** 2).sum(), (a_**2).sum(), (n_**2).sum()])
+
+    def _replicated(self, k: int, t: Target, a: torch.Tensor) -> TensorCheck:
+        engine, group = self.engine, self.group
+        engine.owner = None
+        sigma = noise_level(engine, t, self.loss0, self.nondet, target_generator(self.seed, k))
+        check = measure_agreed(engine, t, a, sigma, self.loss0, self.settings)
+        scale = reduced(a.abs().max().reshape(1), dist.ReduceOp.MAX, group) if a.numel() else torch.zeros(1)
+        self.gaps.append((float(spread(a, group).max()) if a.numel() else 0.0, same_bound(scale, t.tensor.dtype)))
+        return check
+
+    def _sharded(self, k: int, t: Target, a: torch.Tensor) -> TensorCheck | None:
+        """Each owner rank in turn perturbs its shard while the others follow its evaluations."""
+        engine = self.engine
+        check = None
+        for owner in range(self.size):
+            engine.owner = owner
+            if owner != self.rank:
+                engine.follow(owner)
+                continue
+            try:
+                generator = target_generator(self.seed, k)
+                if t.tensor.numel():  # an FSDP2 shard can be empty on the last ranks
+                    check = measure(engine, t, a, self.loss0, self.nondet, self.settings, generator)
+            except Exception as exc:  # agreed on after the loop; the followers are released first
+                self.message = self.message or f"{t.name}: {type(exc).__name__}: {exc}"
+            finally:
+                engine.finish()
+        engine.owner = None
+        return check
+
+    def overall(self) -> float:
+        total = reduced(self.sums, dist.ReduceOp.SUM, self.group)
+        denom = math.sqrt(float(total[1])) + math.sqrt(float(total[2]))
+        return 0.0 if denom == 0.0 else math.sqrt(float(total[0])) / denom
+
+
+def _check_drift(engine: LockstepEngine, targets: list[Target], group: Any) -> None:
+    """Every evaluation's loss must be the same on every rank (a perturbation reached every rank's loss)."""
     values = torch.cat(engine.values)
     drift = float(spread(values, group).max())
     if drift > same_bound(values, targets[0].tensor.dtype if targets else torch.float64):
@@ -386,17 +397,20 @@ def run_lockstep(
             f"{drift:.2e}; a perturbation of one rank's shard must reach every rank's loss (a missing all-reduce "
             "in the forward?), or declare the tensor's placement correctly."
         )
+
+
+def _gather(state: _Lockstep, targets: list[Target], where: dict[str, str], group: Any) -> list[TensorResult]:
+    """Every rank's rows on every rank: replicated tensors merged into one row, sharded ones per rank,
+    sharded DTensors assembled into one row over the global tensor."""
+    size = state.size
     gathered: list[Any] = [None] * size
-    dist.all_gather_object(gathered, (local, blocks), group=group)
-    results: list[ParameterResult] = []
+    dist.all_gather_object(gathered, (state.local, state.blocks), group=group)
+    results: list[TensorResult] = []
     for k, t in enumerate(targets):
         if where[t.name] == "replicated":
-            results.append(_merge_replicated([gathered[r][0][k] for r in range(size)], *gaps[k]))
-        elif t.name in dtensors:
-            results.append(_global_result(t, [gathered[r][1][t.name] for r in range(size)]))
+            results.append(_merge_replicated([gathered[r][0][k] for r in range(size)], *state.gaps[k]))
+        elif t.name in state.blocks:
+            results.append(global_result(t, [gathered[r][1][t.name] for r in range(size)]))
         else:
             results += [_renamed(gathered[r][0][k], r) for r in range(size)]
-    total = reduced(sums, dist.ReduceOp.SUM, group)
-    denom = math.sqrt(float(total[1])) + math.sqrt(float(total[2]))
-    overall = 0.0 if denom == 0.0 else math.sqrt(float(total[0])) / denom
-    return results, engine.evaluations, overall
+    return results

@@ -16,6 +16,10 @@ unperturbed point and at every evaluated point. For ``DistributedDataParallel`` 
 the mean over ranks of each rank's loss, because DDP's all-reduce averages the ranks' gradients:
 the averaged ``.grad`` is the gradient of that mean. Gradients of replicated tensors must agree
 across ranks; a divergence fails the tensor with status "diverged".
+
+DTensor parameters carry their own placement (`_dtensor`): a ``Shard`` one is "sharded", its blocks
+reported together by global index; a ``Replicate`` one is "replicated". FSDP2 (``fully_shard``) is
+data parallel like DDP: the objective is the mean of the ranks' losses.
 """
 
 from __future__ import annotations

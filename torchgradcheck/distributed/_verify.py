@@ -91,8 +91,10 @@ def verify_distributed(
 
     Args:
         model: on each rank, that rank's module: a replicated model (``split=True``), a model with
-            tensor-parallel layers whose forward/backward call collectives, or a
-            ``DistributedDataParallel`` wrapper (``split=False``).
+            tensor-parallel layers whose forward/backward call collectives, a
+            ``DistributedDataParallel`` wrapper, or a model with DTensor parameters
+            (``parallelize_module``, ``fully_shard``; their placements are read from them, and they
+            are checked in place, in their own dtype) (``split=False``).
         loss_fn, batch, forward, params, inputs, eps, rtol, atol, dtype, seed: as in `verify_module`;
             `batch` is this rank's batch.
         placement: ``split=False`` only: maps parameter names, or input names such as ``"batch[0]"``
@@ -106,11 +108,12 @@ def verify_distributed(
         progress: show a progress bar on rank 0 (None: when stderr is a terminal).
 
     Returns:
-        The same complete `Report` on every rank. With ``split=False``, a sharded tensor appears once
-        per rank as ``rank<r>:<name>``; a replicated tensor appears once, and fails with status
+        The same complete `Report` on every rank. With ``split=False``, a sharded plain tensor appears
+        once per rank as ``rank<r>:<name>``, a sharded DTensor once, by global index, its note naming
+        the ranks that own failing elements; a replicated tensor appears once, and fails with status
         "diverged" if its gradient differs across ranks. The objective is the replicated loss (checked
         to be identical on every rank); for DDP it is the mean of the ranks' losses, whose gradient is
-        what DDP's averaging all-reduce produces.
+        what DDP's averaging all-reduce (or FSDP2's reduce-scatter) produces.
 
     Raises:
         InvalidArgumentError / InvalidArgumentTypeError: a bad argument, no process group, a loss

@@ -81,6 +81,7 @@ def _timed(fn: Callable[[], bool]) -> tuple[bool, float]:
 
 def _ours(sizes: tuple[int, ...], bug: bool, compiled: bool) -> tuple[bool, float, str]:
     model, loss_fn, batch = _build(sizes, bug)
+    torch._dynamo.reset()  # no cache entries (or recompile counts) left from an earlier run
     target = torch.compile(model) if compiled else model
     start = time.perf_counter()
     report = verify_module(target, loss_fn, batch, mode="full", progress=False)
@@ -89,6 +90,7 @@ def _ours(sizes: tuple[int, ...], bug: bool, compiled: bool) -> tuple[bool, floa
 
 def _compile_alone(sizes: tuple[int, ...]) -> float:
     model, loss_fn, (x, y) = _build(sizes, False)
+    torch._dynamo.reset()
     compiled = torch.compile(model.double())
     start = time.perf_counter()
     loss_fn(compiled(x.double()), y.double()).backward()
@@ -98,6 +100,7 @@ def _compile_alone(sizes: tuple[int, ...]) -> float:
 def _gradcheck(sizes: tuple[int, ...], bug: bool, compiled: bool) -> tuple[bool, float]:
     model, loss_fn, (x, y) = _build(sizes, bug)
     model = model.double()
+    torch._dynamo.reset()
     target = torch.compile(model) if compiled else model
     names = [n for n, _ in target.named_parameters()]
     params = tuple(p.detach().clone().requires_grad_() for _, p in target.named_parameters())

@@ -109,7 +109,7 @@ def start_engines(
             f"{nondet:.2e}; tolerances widened by this noise"
         )
     first = targets[0] if targets else None
-    return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes), nondet
+    return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes, cone=True), nondet
 
 
 def overall_error(results: Sequence[TensorResult]) -> float:

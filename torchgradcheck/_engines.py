@@ -11,9 +11,13 @@ batched forward with ``torch.func.vmap`` over ``torch.func.functional_call`` (th
 shared, not copied). Before every evaluation both engines reset the buffers and re-seed the RNG,
 so the two give the same verdicts.
 
-The engine policy lives here, once, for every entry point: `choose_engine` picks vmap when one
-batched unperturbed evaluation reproduces the plain loss (within ``1e4 u |L| + 10 * nondet``), and
-`EngineSwitch` falls back from vmap to the loop when vmap fails mid-check (always with a note).
+A third engine, `_cone.ConeEngine`, answers the same questions from a captured graph, re-evaluating
+only what each perturbation changes (module checks try it first under ``engine="auto"``).
+
+The engine policy lives here, once, for every entry point: `choose_engine` picks the cone engine or
+vmap when one batched unperturbed evaluation reproduces the plain loss (within
+``1e4 u |L| + 10 * nondet``), and `EngineSwitch` falls back from cone to vmap and from vmap to the
+loop when an engine fails mid-check (always with a note).
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from ._errors import InvalidArgumentError
 from ._params import Lent, Target
 from ._state import reseed
 
-__all__ = ["Engine", "EngineSwitch", "LoopEngine", "VmapEngine", "choose_engine", "vmap_agrees"]
+__all__ = ["Engine", "EngineSwitch", "LoopEngine", "VmapEngine", "choose_engine", "cone_agrees", "vmap_agrees"]
 
 Tick = Callable[[int], None]
 
@@ -246,31 +250,61 @@ def vmap_agrees(engine: VmapEngine, target: Target, loss0: torch.Tensor, slack: 
 
 
 class EngineSwitch:
-    """The engine in use, and THE switch to the loop when vmap fails mid-check (noted, never silent)."""
+    """The engine in use, and THE switch when it fails mid-check (noted, never silent).
 
-    def __init__(self, loop: LoopEngine, engine: Engine, forced: bool, notes: list[str]) -> None:
+    The cone engine falls back to vmap (`fallback`), vmap to the loop.
+    """
+
+    def __init__(
+        self, loop: LoopEngine, engine: Engine, forced: bool, notes: list[str], fallback: Engine | None = None
+    ) -> None:
         self.loop, self.engine, self.forced, self.notes = loop, engine, forced, notes
+        self.fallback = fallback
+        self.used: list[Engine] = [loop] if engine is loop else [loop, engine]
 
     def run(self, what: str, fn: Callable[[Engine], Any]) -> Any:
-        """``fn(engine)``; if vmap raises (and was not forced), note it and rerun ``fn`` on the loop."""
-        try:
-            return fn(self.engine)
-        except Exception as exc:
-            if self.engine is self.loop or self.forced:
-                raise
-            note = f"engine: loop from {what} on, because vmap failed ({type(exc).__name__})"
-            if note not in self.notes:
-                self.notes.append(note)
-            self.engine = self.loop
-            return fn(self.engine)
+        """``fn(engine)``; if the engine raises (and was not forced), note it and rerun ``fn`` on the next one."""
+        while True:
+            try:
+                return fn(self.engine)
+            except Exception as exc:
+                if self.engine is self.loop or self.forced:
+                    raise
+                following = self.fallback or self.loop
+                note = (
+                    f"engine: {following.name} from {what} on, because {self.engine.name} failed ({type(exc).__name__})"
+                )
+                if note not in self.notes:
+                    self.notes.append(note)
+                self.engine, self.fallback = following, None
+                if following not in self.used:
+                    self.used.append(following)
 
     @property
     def evaluations(self) -> int:
-        return self.loop.evaluations + (self.engine.evaluations if self.engine is not self.loop else 0)
+        return sum(e.evaluations for e in self.used)
 
     @property
     def name(self) -> str:
         return self.engine.name
+
+
+def cone_agrees(loop: LoopEngine, target: Target, loss0: torch.Tensor, slack: float) -> tuple[Engine | None, str]:
+    """The cone engine if it can run this objective and reproduces the plain loss; else None and why not."""
+    from ._cone import ConeEngine, ConeUnavailableError  # torch.fx is only imported when the cone is tried
+
+    try:
+        cone = ConeEngine(loop.lent, loop.objective, loop.seed, loop.tick)
+        zero = torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype, device=target.tensor.device)
+        value = cone.losses_along(target, zero)[0]
+    except ConeUnavailableError as exc:
+        return None, f"the cone engine can't honour this model: {exc}"
+    except Exception as exc:  # any error here means "use vmap"
+        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
+        return None, f"the cone engine could not run the model ({type(exc).__name__}: {first[:160]})"
+    if not abs(float(value) - float(loss0)) <= slack:
+        return None, f"the cone engine gave a different unperturbed loss ({float(value)!r} vs {float(loss0)!r})"
+    return cone, ""
 
 
 def choose_engine(
@@ -281,26 +315,47 @@ def choose_engine(
     nondet: float,
     wanted: str,
     notes: list[str],
+    *,
+    cone: bool = False,
 ) -> EngineSwitch:
-    """THE engine policy: vmap where it reproduces the plain loss, else the loop (with a note).
+    """THE engine policy: cone, else vmap, where they reproduce the plain loss; else the loop (with a note).
 
     `loop` is the loop engine of this check (its lent model, objective, seed and tick are reused);
-    `target` the tensor vmap is tried on (None: nothing to check, the loop); `nondet` the measured
-    nondeterminism of the forward, which widens the agreement slack by ``10 * nondet``. With
-    ``wanted="vmap"`` a vmap that can't run is an error naming `call`.
+    `target` the tensor the batched engines are tried on (None: nothing to check, the loop); `nondet`
+    the measured nondeterminism of the forward, which widens the agreement slack by ``10 * nondet``.
+    With ``wanted="auto"`` the cone engine (`_cone`) is tried where vmap runs and `cone` is set (module
+    checks), with vmap as its fallback; its reason for declining is noted. ``wanted="vmap"`` or
+    ``"cone"`` that can't run is an error naming `call`.
     """
     engine: Engine = loop
-    if wanted in ("auto", "vmap") and target is not None:
-        u = float(torch.finfo(target.tensor.dtype).eps) / 2
-        slack = 1e4 * u * abs(float(loss0)) + 10 * nondet
+    fallback: Engine | None = None
+    if target is None:
+        return EngineSwitch(loop, loop, wanted in ("vmap", "cone"), notes)
+    u = float(torch.finfo(target.tensor.dtype).eps) / 2
+    slack = 1e4 * u * abs(float(loss0)) + 10 * nondet
+    if wanted == "cone":
+        found, why = cone_agrees(loop, target, loss0, slack)
+        if found is None:
+            raise InvalidArgumentError(f"{call}: engine='cone' is not usable here: {why}; use engine='auto'.")
+        return EngineSwitch(loop, found, True, notes)
+    if wanted in ("auto", "vmap"):
         vm = VmapEngine(loop.lent, loop.objective, loop.seed, loop.tick)
         why = vmap_agrees(vm, target, loss0, slack)
         if why is None:
             engine = vm
+            if wanted == "auto" and cone:
+                found, why_not = cone_agrees(loop, target, loss0, slack)
+                if found is not None:
+                    engine, fallback = found, vm
+                else:
+                    _note(notes, f"engine: vmap, because {why_not}")
         elif wanted == "vmap":
             raise InvalidArgumentError(f"{call}: engine='vmap' is not usable here: {why}; use engine='auto'.")
         else:
-            note = f"engine: loop, because {why}"
-            if note not in notes:
-                notes.append(note)
-    return EngineSwitch(loop, engine, wanted == "vmap", notes)
+            _note(notes, f"engine: loop, because {why}")
+    return EngineSwitch(loop, engine, wanted in ("vmap", "cone"), notes, fallback)
+
+
+def _note(notes: list[str], note: str) -> None:
+    if note not in notes:
+        notes.append(note)

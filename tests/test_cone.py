@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from deep_corpus import DEEP
 from helpers import assert_unchanged, snapshot
 from torch import nn
 
-from torchgradcheck import InvalidArgumentError, verify_module
+from torchgradcheck import InvalidArgumentError, _engines, verify_module
 from torchgradcheck._batch import Objective, convert_batch
 from torchgradcheck._cone import ConeEngine, ConeUnavailableError
 from torchgradcheck._engines import VmapEngine
@@ -130,8 +131,9 @@ _CASES = sorted(BUGS) + sorted(CORRECT) + sorted(MORE) + [pytest.param(c, marks=
 
 
 @pytest.mark.parametrize("case", _CASES)
-def test_cone_gives_the_vmap_verdicts_and_errors_on_the_corpus(case):
+def test_cone_gives_the_vmap_verdicts_and_errors_on_the_corpus(case, monkeypatch):
     """Full checks with engine="cone" and engine="vmap": same verdict, same statuses, errors within noise."""
+    monkeypatch.setattr(_engines, "CONE_MIN_EVALUATIONS", 0)  # auto tries the cone whatever the plan
     factory = {**BUGS, **CORRECT, **DEEP, **MORE}[case]
     torch.manual_seed(0)
     model, loss_fn, batch = factory()[:3]
@@ -223,13 +225,19 @@ def test_cone_refuses_what_a_cached_graph_cannot_reproduce(model, words):
     assert_unchanged(before, model)
 
 
-def test_auto_prefers_the_cone_engine_and_names_it():
+def test_auto_prefers_the_cone_engine_for_big_plans_and_names_it(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))
-    report = verify_module(model, F.mse_loss, (torch.randn(4, 5), torch.randn(4, 2)), mode="full")
+    batch = (torch.randn(4, 5), torch.randn(4, 2))
+    monkeypatch.delitem(sys.modules, "torch._dynamo", raising=False)  # as in a fresh process
+    small = verify_module(model, F.mse_loss, batch, mode="full")
+    assert small.engine == "vmap"  # 124 evaluations: importing what the cone needs would cost more
+    monkeypatch.setattr(_engines, "CONE_MIN_EVALUATIONS", 100)
+    report = verify_module(model, F.mse_loss, batch, mode="full")
     assert report.passed, report
     assert report.engine == "cone"
     assert not any("cone" in n for n in report.notes)
+    assert [r.status for r in report.results] == [r.status for r in small.results]
 
 
 def test_cone_catches_a_one_element_bug_with_a_hand_written_backward():

@@ -83,7 +83,9 @@ def check_targets(
     for job in jobs:
         engines.run(job.target.name, lambda e, job=job: measure_noise(e, job, loss0, nondet, generator))
     plan(jobs, options.mode, options.budget)
-    grow(sum(job.cost("auto" if job.mode == "cheap" else job.mode) for job in jobs))
+    planned = sum(job.cost("auto" if job.mode == "cheap" else job.mode) for job in jobs)
+    engines.upgrade(planned)
+    grow(planned)
     results = [
         engines.run(job.target.name, lambda e, job=job: check_tensor(e, job, loss0, nondet, settings, generator))
         for job in jobs

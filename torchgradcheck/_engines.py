@@ -23,6 +23,7 @@ loop when an engine fails mid-check (always with a note).
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,9 @@ from ._state import reseed
 __all__ = ["Engine", "EngineSwitch", "LoopEngine", "VmapEngine", "choose_engine", "cone_agrees", "vmap_agrees"]
 
 Tick = Callable[[int], None]
+# Under engine="auto", the cone engine is tried for plans of at least this many evaluations (or when
+# torch._dynamo, which it needs, is already imported): below that, its one-off import costs more than it saves.
+CONE_MIN_EVALUATIONS = 100_000
 
 
 def _noop(_: int) -> None:
@@ -261,6 +265,7 @@ class EngineSwitch:
         self.loop, self.engine, self.forced, self.notes = loop, engine, forced, notes
         self.fallback = fallback
         self.used: list[Engine] = [loop] if engine is loop else [loop, engine]
+        self.cone_trial: tuple[Target, torch.Tensor, float] | None = None  # see `upgrade`
 
     def run(self, what: str, fn: Callable[[Engine], Any]) -> Any:
         """``fn(engine)``; if the engine raises (and was not forced), note it and rerun ``fn`` on the next one."""
@@ -279,6 +284,25 @@ class EngineSwitch:
                 self.engine, self.fallback = following, None
                 if following not in self.used:
                     self.used.append(following)
+
+    def upgrade(self, planned: int) -> None:
+        """Under ``engine="auto"``, move from vmap to the cone engine when it pays for itself.
+
+        The cone engine needs ``torch._dynamo`` (imported by ``make_fx``: about 2 s, once per process),
+        so it is tried when that is already paid for, or when the plan holds at least
+        `CONE_MIN_EVALUATIONS` evaluations. Its reason for declining is noted; vmap stays its fallback.
+        """
+        pending, self.cone_trial = self.cone_trial, None
+        if pending is None or self.engine.name != "vmap":
+            return
+        if planned < CONE_MIN_EVALUATIONS and "torch._dynamo" not in sys.modules:
+            return
+        found, why = cone_agrees(self.loop, *pending)
+        if found is None:
+            _note(self.notes, f"engine: vmap, because {why}")
+            return
+        self.engine, self.fallback = found, self.engine
+        self.used.append(found)
 
     @property
     def evaluations(self) -> int:
@@ -323,12 +347,11 @@ def choose_engine(
     `loop` is the loop engine of this check (its lent model, objective, seed and tick are reused);
     `target` the tensor the batched engines are tried on (None: nothing to check, the loop); `nondet`
     the measured nondeterminism of the forward, which widens the agreement slack by ``10 * nondet``.
-    With ``wanted="auto"`` the cone engine (`_cone`) is tried where vmap runs and `cone` is set (module
-    checks), with vmap as its fallback; its reason for declining is noted. ``wanted="vmap"`` or
-    ``"cone"`` that can't run is an error naming `call`.
+    With ``wanted="auto"`` and `cone` set (module checks) the cone engine (`_cone`) may replace vmap
+    once the plan is known (`EngineSwitch.upgrade`). ``wanted="vmap"`` or ``"cone"`` that can't run is
+    an error naming `call`.
     """
     engine: Engine = loop
-    fallback: Engine | None = None
     if target is None:
         return EngineSwitch(loop, loop, wanted in ("vmap", "cone"), notes)
     u = float(torch.finfo(target.tensor.dtype).eps) / 2
@@ -343,17 +366,14 @@ def choose_engine(
         why = vmap_agrees(vm, target, loss0, slack)
         if why is None:
             engine = vm
-            if wanted == "auto" and cone:
-                found, why_not = cone_agrees(loop, target, loss0, slack)
-                if found is not None:
-                    engine, fallback = found, vm
-                else:
-                    _note(notes, f"engine: vmap, because {why_not}")
         elif wanted == "vmap":
             raise InvalidArgumentError(f"{call}: engine='vmap' is not usable here: {why}; use engine='auto'.")
         else:
             _note(notes, f"engine: loop, because {why}")
-    return EngineSwitch(loop, engine, wanted in ("vmap", "cone"), notes, fallback)
+    switch = EngineSwitch(loop, engine, wanted in ("vmap", "cone"), notes)
+    if wanted == "auto" and cone and engine is not loop:
+        switch.cone_trial = (target, loss0, slack)
+    return switch
 
 
 def _note(notes: list[str], note: str) -> None:

@@ -504,17 +504,17 @@ def _linear_update(captured: Captured, source: fx.Node, op_node: fx.Node, target
     column: _Column | None = None
     if op is aten.linear.default:
         if len(args) > 1 and args[1] is source and args[0] is not source and len(shape) == 2:
-            x = cache[args[0]].reshape(-1, shape[1])
+            xt = cache[args[0]].reshape(-1, shape[1]).T.contiguous()  # rows are gathered: (in, M)
             in_f = shape[1]
-            column = _Column(op_node, base, lambda k: k // in_f, lambda k, d: d[:, None] * x[:, k % in_f].T)
+            column = _Column(op_node, base, lambda k: k // in_f, lambda k, d: d[:, None] * xt[k % in_f])
         elif len(args) > 2 and args[2] is source and args[1] is not source and args[0] is not source:
             m = base.numel() // base.shape[-1]
             column = _Column(op_node, base, lambda k: k, lambda k, d: d[:, None].expand(len(k), m))
     elif op in (aten.matmul.default, aten.mm.default):
         if args[1] is source and args[0] is not source and len(shape) == 2 and base.dim() >= 2:
-            a = cache[args[0]].reshape(-1, shape[0])  # out[..., c] += h * a[..., r] for W[r, c]
+            at = cache[args[0]].reshape(-1, shape[0]).T.contiguous()  # out[..., c] += h * a[..., r] for W[r, c]
             n_cols = shape[1]
-            column = _Column(op_node, base, lambda k: k % n_cols, lambda k, d: d[:, None] * a[:, k // n_cols].T)
+            column = _Column(op_node, base, lambda k: k % n_cols, lambda k, d: d[:, None] * at[k // n_cols])
     elif op is aten.conv2d.default:
         return _conv2d_update(cache, source, op_node, args, base, shape)
     if column is None:
@@ -565,19 +565,21 @@ def _next_linear(captured: Captured, column: _Column) -> _Update | None:
         node = user
     else:
         return None
-    z2 = column.base.reshape(-1, column.base.shape[-1])
+    # Columns as contiguous rows, so that a chunk's columns are one cheap gather each.
+    zt = column.base.reshape(-1, column.base.shape[-1]).T.contiguous()
     last = captured.cache[chain[-1]] if chain else column.base
-    a2 = last.reshape(-1, last.shape[-1])
+    at = last.reshape(-1, last.shape[-1]).T.contiguous()
+    wt = w.T.contiguous()
     out2 = base.reshape(-1, base.shape[-1])
 
     def build(index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
         r = column.which(index)
-        zcol = z2[:, r].T + column.change(index, deltas.to(z2.dtype))  # (k, M)
+        zcol = zt[r] + column.change(index, deltas.to(zt.dtype))  # (k, M)
         for step in chain:  # pointwise, one tensor argument: the chain node itself
             zcol = step.target(zcol, *step.args[1:])  # type: ignore[operator]
-        diff = zcol - a2[:, r].T
+        diff = zcol - at[r]
         rows = out2.expand(len(index), *out2.shape).clone()  # contiguous, batch dim first: matmuls fold it
-        rows.addcmul_(diff[:, :, None], w[:, r].T[:, None, :])
+        rows.addcmul_(diff[:, :, None], wt[r][:, None, :])
         return rows.view(len(index), *base.shape)
 
     return _Update(user, build)

@@ -10,7 +10,7 @@ from helpers import assert_unchanged, snapshot
 from torch import nn
 
 from torchgradcheck import verify_module
-from torchgradcheck._compare import quadratic_misfit, quartic_misfit, relative_error
+from torchgradcheck._compare import quartic_misfit, relative_error
 from torchgradcheck._noise import noise_from_samples
 
 
@@ -33,7 +33,7 @@ def test_noise_from_samples_is_zero_without_noise():
 
 def test_norm_ratio_dilutes_one_element_bug_but_element_check_catches_it():
     model, loss_fn, batch = one_element_wrong()  # 1 % error in 1 of 2,000 elements
-    report = verify_module(model, loss_fn, batch)
+    report = verify_module(model, loss_fn, batch, mode="full")
     bad = report.failures[0]
     assert bad.relative_error < 1e-3  # the textbook ratio would pass it at the usual 1e-3 ... 1e-2
     worst = bad.worst[0]
@@ -43,7 +43,7 @@ def test_norm_ratio_dilutes_one_element_bug_but_element_check_catches_it():
 def test_offset_loss_fails_fixed_atol_gradcheck_but_passes_here():
     """Cancellation noise ~1e-5 from a 1e6 offset: gradcheck's fixed atol false-alarms; the noise estimate does not."""
     model, loss_fn, batch = offset_loss()
-    assert verify_module(model, loss_fn, batch).passed
+    assert verify_module(model, loss_fn, batch, mode="full").passed
     model = model.double()
     x, y = batch[0].double(), batch[1]
     names = [n for n, _ in model.named_parameters()]
@@ -58,7 +58,7 @@ def test_offset_loss_fails_fixed_atol_gradcheck_but_passes_here():
 
 def test_tiny_gradients_with_ten_percent_error_hide_under_fixed_atol_but_not_here():
     model, loss_fn, batch = tiny_gradients(bug=True)
-    report = verify_module(model, loss_fn, batch)
+    report = verify_module(model, loss_fn, batch, mode="full")
     assert not report.passed
     bad = report.failures[0]
     assert bad.max_abs_error < 1e-5  # under gradcheck's default atol=1e-5, and under its rtol*|n| too
@@ -85,6 +85,13 @@ def test_strong_curvature_is_rescued_by_second_look_not_by_loosening():
     # and a 1e-5 relative bug on the same curved loss still fails
     model.w.register_hook(lambda g: g * (1 + 1e-5))
     assert not verify_module(model, forward=lambda m, x: m(x), batch=torch.tensor(1.0), mode="full").passed
+
+
+def quadratic_misfit(values: torch.Tensor) -> torch.Tensor:
+    """Residual of the least-squares quadratic through five equal-spaced values: cubic and quartic parts."""
+    cubic = values @ torch.tensor([-1.0, 2.0, 0.0, -2.0, 1.0], dtype=torch.float64)
+    quartic = values @ torch.tensor([1.0, -4.0, 6.0, -4.0, 1.0], dtype=torch.float64)
+    return torch.sqrt(cubic**2 / 10.0 + quartic**2 / 70.0)
 
 
 def test_quadratic_misfit_separates_kinks_from_smooth_curves():

@@ -13,7 +13,7 @@ from corpus import HandLinear
 from helpers import assert_unchanged, snapshot
 from torch import nn
 
-from torchgradcheck import ElementResult, GradientMismatchError, ParameterResult, Report, verify_module
+from torchgradcheck import ElementResult, GradientMismatchError, ParameterResult, Report, TensorResult, verify_module
 
 
 def _one_percent_off_at_3_7(gx, gw, gb):
@@ -70,7 +70,7 @@ def every_status():
     gen = torch.Generator().manual_seed(2)
     batch = (torch.randn(4, 3, generator=gen), torch.randn(4, 2, generator=gen))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, params=PATTERNS, localise=False)
+    report = verify_module(model, nn.MSELoss(), batch, params=PATTERNS, localise=False, mode="full")
     assert_unchanged(before, model)
     return report
 
@@ -147,7 +147,7 @@ def test_report_passing_headline():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     batch = (torch.randn(5, 3), torch.randn(5, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch)
+    report = verify_module(model, nn.MSELoss(), batch, mode="full")
     assert_unchanged(before, model)
     assert report.passed
     assert bool(report)
@@ -231,7 +231,7 @@ def test_report_str_names_the_wrong_element():
     model.add_module("encoder", Net())
     batch = (torch.randn(6, 10), torch.randint(0, 3, (6,)))
     before = snapshot(model)
-    report = verify_module(model, nn.CrossEntropyLoss(), batch, localise=False)
+    report = verify_module(model, nn.CrossEntropyLoss(), batch, localise=False, mode="full")
     assert_unchanged(before, model)
     text = str(report)
     assert [r.name for r in report.failures] == ["encoder.fc1.weight"]
@@ -480,7 +480,7 @@ def test_report_to_dict_with_localisation_is_json():
     model = nn.Sequential(HandLinear(3, 4, lambda gx, gw, gb: (gx, 2 * gw, gb)), nn.Tanh(), nn.Linear(4, 2))
     batch = (torch.randn(5, 3), torch.randn(5, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch)
+    report = verify_module(model, nn.MSELoss(), batch, mode="full")
     assert_unchanged(before, model)
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert data["passed"] is False
@@ -493,8 +493,29 @@ def test_report_repr_fits_pytest_assertion_messages():
     import corpus
 
     torch.manual_seed(0)
-    report = verify_module(*corpus.one_element_wrong(), localise=False)
+    report = verify_module(*corpus.one_element_wrong(), localise=False, mode="full")
     text = repr(report)
     assert len(text) <= 240
     assert text.startswith("<Report verify_module: FAILED")
     assert "worst 0.weight[3, 7]" in text
+
+
+def test_report_warnings_headline_str_dict_and_repr():
+    ok = TensorResult(name="w", shape=(2,), status="ok", checked=2, relative_error=0.0, norms=(1.0, 1.0))
+    first = "the loss is float32 and its noise hides errors below 1e-4; pass dtype=torch.float64."
+    second = "only 3 of 1,000 elements were checked; pass mode='full' for every element."
+    report = Report(call="verify_module", results=(ok,), relative_error=0.0, warnings=(first, second))
+    assert report.passed
+    assert report.headline().startswith(f"verify_module: OK — WARNING: {first} (+1 more);")
+    text = str(report)
+    assert f"  WARNING: {first}" in text
+    assert f"  WARNING: {second}" in text
+    assert report.to_dict()["warnings"] == [first, second]
+    assert len(repr(report)) <= 240
+    long = Report(call="verify_module", results=(ok,), relative_error=0.0, warnings=(first * 4,))
+    assert len(repr(long)) == 240
+    assert repr(long).endswith("...>")
+    quiet = Report(call="verify_module", results=(ok,), relative_error=0.0)
+    assert "WARNING" not in str(quiet)
+    assert quiet.headline().startswith("verify_module: OK, 1 tensor")
+    assert ParameterResult is TensorResult

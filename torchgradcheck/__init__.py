@@ -24,6 +24,7 @@ __all__ = [
     "TorchGradcheckError",
     "__version__",
     "plot_step_sweep",
+    "verify_batch_independence",
     "verify_distributed",
     "verify_function",
     "verify_module",
@@ -42,13 +43,15 @@ _WHERE = {
     "TorchGradcheckError": "._errors",
     "Localisation": "._localise",
     "SiteVerdict": "._localise",
-    "plot_step_sweep": "._plot",
+    "plot_step_sweep": "._sweep",
+    "verify_batch_independence": "._batch_independence",
     "verify_distributed": ".distributed",
     "verify_function": ".function",
     "verify_module": "._verify",
 }
 
 if TYPE_CHECKING:
+    from ._batch_independence import verify_batch_independence
     from ._errors import (
         GradcheckWarning,
         GradientMismatchError,
@@ -57,8 +60,8 @@ if TYPE_CHECKING:
         TorchGradcheckError,
     )
     from ._localise import Localisation, SiteVerdict
-    from ._plot import plot_step_sweep
     from ._report import ElementResult, ParameterResult, Report, TensorResult
+    from ._sweep import plot_step_sweep
     from ._verify import verify_module
     from .distributed import verify_distributed
     from .function import verify_function

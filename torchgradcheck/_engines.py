@@ -5,11 +5,12 @@ Two interchangeable engines answer the same two questions:
 * ``losses(target, index, values)``: loss with element ``index[j]`` of `target` set to ``values[j]``;
 * ``losses_along(target, deltas)``: loss with `target` moved by the dense row ``deltas[j]``.
 
-`LoopEngine` perturbs the working copy in place and runs one forward per point under ``no_grad``:
-it works for every model. `VmapEngine` evaluates a chunk of perturbed copies of the tensor in one
-batched forward with ``torch.func.vmap`` over ``torch.func.functional_call`` (the other tensors are
-shared, not copied). Before every evaluation both engines reset the buffers and re-seed the RNG,
-so the two give the same verdicts.
+`LoopEngine` perturbs the working copy in place and runs one forward per point under ``no_grad``
+(with grad enabled when the loss differentiates inside, ``Objective.needs_grad``, see
+`_check.start_engines`): it works for every model. `VmapEngine` evaluates a chunk of perturbed
+copies of the tensor in one batched forward with ``torch.func.vmap`` over
+``torch.func.functional_call`` (the other tensors are shared, not copied). Before every
+evaluation both engines reset the buffers and re-seed the RNG, so the two give the same verdicts.
 
 A third engine, `_cone.ConeEngine`, answers the same questions from a captured graph, re-evaluating
 only what each perturbation changes (module checks try it first under ``engine="auto"``).
@@ -28,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.func import functional_call, vmap
 
@@ -64,12 +66,17 @@ class Engine:
         self.lent.reset_buffers()
         reseed(self.seed)
 
+    def evaluate(self, model: Any) -> torch.Tensor:
+        """The objective at `model`, detached: without a graph, unless the loss differentiates inside."""
+        with torch.set_grad_enabled(self.objective.needs_grad):
+            return torch.as_tensor(self.objective(model)).detach()
+
     def loss(self) -> torch.Tensor:
-        """The unperturbed loss, without recording a graph."""
+        """The unperturbed loss, without recording a graph (unless the loss needs one)."""
         with torch.no_grad():
             self._prepare()
             self.evaluations += 1
-            return torch.as_tensor(self.objective(self.lent.model)).detach().to(torch.float64)
+            return self.evaluate(self.lent.model).to(torch.float64)
 
     def loss_twice(self) -> tuple[torch.Tensor, float]:
         """The unperturbed loss and how much a second identical evaluation differs from it.
@@ -94,7 +101,7 @@ class LoopEngine(Engine):
 
     def _one(self) -> torch.Tensor:
         self._prepare()
-        return torch.as_tensor(self.objective(self.lent.model))
+        return self.evaluate(self.lent.model)
 
     def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         flat = target.flat
@@ -143,14 +150,8 @@ def memory_budget(device: torch.device) -> int:
 
 
 def _substitute(tree: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
-    if tree is old:
-        return new
-    if isinstance(tree, dict):
-        return {k: _substitute(v, old, new) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_substitute(v, old, new) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return tree
+    """`tree` with the leaf `old` (by identity) replaced by `new`."""
+    return pytree.tree_map(lambda leaf: new if leaf is old else leaf, tree)
 
 
 class _Wrapped(nn.Module):
@@ -165,6 +166,7 @@ class _Wrapped(nn.Module):
         objective = self._objective
         if batch is not objective.batch:
             objective = Objective(objective.loss_fn, batch, objective.forward)
+            objective.needs_grad = self._objective.needs_grad
         return objective(self.model)
 
 
@@ -202,13 +204,13 @@ class VmapEngine(Engine):
         fn = vmap(self._row_fn(target), randomness="same")
         out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
         size = self.chunk_size(target)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.objective.needs_grad):
             start = 0
             while start < rows.shape[0]:
                 chunk = rows[start : start + size]
                 self._prepare()
                 try:
-                    out[start : start + len(chunk)] = fn(chunk.view(len(chunk), *target.shape))
+                    out[start : start + len(chunk)] = fn(chunk.view(len(chunk), *target.shape)).detach()
                 except torch.OutOfMemoryError:
                     if size == 1:
                         raise

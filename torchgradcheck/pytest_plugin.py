@@ -6,6 +6,7 @@ Use the fixture in a test; a failing check fails the test with the report table 
         model, batch = MyLayer().double(), (torch.randn(8, 4), torch.randn(8, 2))
         gradcheck(model, nn.MSELoss(), batch)            # verify_module; raises on failure
         gradcheck.function(my_op, torch.randn(3, requires_grad=True))   # verify_function
+        gradcheck.batch_independence(model.eval(), batch[0])              # verify_batch_independence
 
 Command-line options rerun the same tests differently, without editing them:
 
@@ -64,16 +65,15 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 def _to(tree: Any, device: Any) -> Any:
     """A copy of `tree` with every tensor on `device` (leaves that required grad still do)."""
     import torch
+    import torch.utils._pytree as pytree
 
-    if isinstance(tree, torch.Tensor):
-        moved = tree.detach().to(device)
-        return moved.requires_grad_(tree.requires_grad) if moved.is_floating_point() else moved
-    if isinstance(tree, dict):
-        return {k: _to(v, device) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_to(v, device) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return tree
+    def move(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        moved = leaf.detach().to(device)
+        return moved.requires_grad_(leaf.requires_grad) if moved.is_floating_point() else moved
+
+    return pytree.tree_map(move, tree)
 
 
 @contextlib.contextmanager
@@ -107,7 +107,8 @@ class Gradcheck:
     ``gradcheck(model, loss_fn, batch, **options)`` runs ``verify_module`` and raises
     ``GradientMismatchError`` (an AssertionError) carrying the report table if the check fails;
     otherwise it returns the `Report`. ``gradcheck.function(fn, *args, **kwargs)`` does the same with
-    ``verify_function``. The command-line options (`mode`, `device`) apply to every call.
+    ``verify_function``, ``gradcheck.batch_independence(model, batch, **options)`` with
+    ``verify_batch_independence``. The command-line options (`mode`, `device`) apply to every call.
     """
 
     def __init__(
@@ -141,6 +142,7 @@ class Gradcheck:
         else:
             with moved_model(model, self.device):
                 report = verify(model, loss_fn, _to(batch, self.device), **options)
+        _warn(report)
         report.assert_passed()
         return report
 
@@ -159,8 +161,36 @@ class Gradcheck:
         if self.device is not None:
             args, kwargs = _to(args, self.device), _to(kwargs, self.device)
         report = verify(fn, *args, **kwargs)
+        _warn(report)
         report.assert_passed()
         return report
+
+    def batch_independence(self, model: nn.Module, batch: Any, /, **options: Any) -> Report:
+        """``verify_batch_independence(model, batch, **options)``; raises if a sample leaks into another.
+
+        `--gradcheck-device` moves the model and the batch; `--gradcheck-mode` does not apply.
+        """
+        __tracebackhide__ = True
+        from ._batch_independence import verify_batch_independence as verify
+
+        if self.device is None:
+            report = verify(model, batch, **options)
+        else:
+            with moved_model(model, self.device):
+                report = verify(model, _to(batch, self.device), **options)
+        _warn(report)
+        report.assert_passed()
+        return report
+
+
+def _warn(report: Report) -> None:
+    """Each of ``report.warnings`` as a `GradcheckWarning` (pytest shows them; ``-W error`` fails on them)."""
+    import warnings
+
+    from ._errors import GradcheckWarning
+
+    for text in report.warnings:
+        warnings.warn(f"{report.call}: {text}", GradcheckWarning, stacklevel=3)
 
 
 def _skip_if_unavailable(device: str) -> None:

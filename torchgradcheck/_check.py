@@ -22,6 +22,7 @@ from torch import nn
 from ._accumulation import AccumulationVerdict, apply_accumulation, check_accumulation
 from ._batch import BatchError, Objective, check_loss, convert_batch, module_is_lazy
 from ._compare import DTYPE_DEFAULTS
+from ._cone import cone_agrees
 from ._dtensor import is_dtensor, local_grad
 from ._engines import EngineSwitch, LoopEngine, choose_engine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
@@ -133,7 +134,7 @@ def start_engines(
             f"{nondet:.2e}; tolerances widened by this noise"
         )
     first = targets[0] if targets else None
-    return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes, cone=True), nondet
+    return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes, cone=cone_agrees), nondet
 
 
 def overall_error(results: Sequence[TensorResult]) -> float:

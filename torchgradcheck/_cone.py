@@ -35,10 +35,10 @@ from torch.func import functional_call, vmap
 from torch.utils import _pytree as pytree
 
 from ._batch import Objective
-from ._engines import Engine, memory_budget
+from ._engines import Engine, LoopEngine, memory_budget
 from ._params import Lent, Target
 
-__all__ = ["ConeEngine", "ConeUnavailableError", "capture"]
+__all__ = ["ConeEngine", "ConeUnavailableError", "capture", "cone_agrees"]
 
 aten = torch.ops.aten
 Tick = Callable[[int], None]
@@ -170,21 +170,10 @@ def _remove_mutations(graph: fx.Graph, names: dict[fx.Node, str]) -> None:
                     user.replace_input_with(arg, node)
 
 
-def capture(lent: Lent, objective: Objective) -> Captured:
-    """Trace the objective once and cache every value; `ConeUnavailableError` says why it can't be used."""
+def _trace(lent: Lent, traced: nn.Module, args: list[torch.Tensor], buffers: list[tuple[str, torch.Tensor]]) -> Any:
+    """``make_fx`` of `traced`; refuses a capture that fails or changes a buffer (a side effect)."""
     from torch.fx.experimental.proxy_tensor import make_fx
 
-    model = lent.model
-    params = list(model.named_parameters())
-    buffers = list(model.named_buffers())
-    keys = [n for n, _ in params] + [n for n, _ in buffers]
-    state = [p.data for _, p in params] + [b for _, b in buffers]
-    leaves, spec = pytree.tree_flatten(objective.batch)
-    batch_tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-    traced = _Traced(model, objective, keys, spec, leaves)
-    # Trace with grad on and parameters requiring grad, as in training: no inference fast paths.
-    args = [t.detach().requires_grad_(t.is_floating_point()) for t in state[: len(params)]]
-    args += list(state[len(params) :]) + batch_tensors
     lent.reset_buffers()
     before = [b.clone() for _, b in buffers]
     try:
@@ -201,11 +190,11 @@ def capture(lent: Lent, objective: Objective) -> Captured:
         raise ConeUnavailableError(
             f"the forward updates buffer {changed[0]!r} (e.g. train-mode BatchNorm): a side effect"
         )
-    graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    tensors = state + batch_tensors
-    names = dict(zip(placeholders, keys + [f"batch tensor {i}" for i in range(len(batch_tensors))]))
-    _remove_mutations(graph, names)
+    return gm
+
+
+def _classify(graph: fx.Graph) -> tuple[list[fx.Node], set[fx.Node], set[fx.Node]]:
+    """The nodes to evaluate, the dropouts that are identities, the grad-mode switches to skip; or refuse."""
     identity: set[fx.Node] = set()
     skipped: set[fx.Node] = set()
     nodes = []
@@ -241,11 +230,32 @@ def capture(lent: Lent, objective: Objective) -> Captured:
         elif op not in _PYTHON_OPS:
             raise ConeUnavailableError(f"the captured graph calls {op!r}, which the cone engine does not evaluate")
         nodes.append(node)
+    return nodes, identity, skipped
+
+
+def capture(lent: Lent, objective: Objective) -> Captured:
+    """Trace the objective once and cache every value; `ConeUnavailableError` says why it can't be used."""
+    model = lent.model
+    params = list(model.named_parameters())
+    buffers = list(model.named_buffers())
+    keys = [n for n, _ in params] + [n for n, _ in buffers]
+    state = [p.data for _, p in params] + [b for _, b in buffers]
+    leaves, spec = pytree.tree_flatten(objective.batch)
+    batch_tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    # Trace with grad on and parameters requiring grad, as in training: no inference fast paths.
+    args = [t.detach().requires_grad_(t.is_floating_point()) for t in state[: len(params)]]
+    args += list(state[len(params) :]) + batch_tensors
+    gm = _trace(lent, _Traced(model, objective, keys, spec, leaves), args, buffers)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names = dict(zip(placeholders, keys + [f"batch tensor {i}" for i in range(len(batch_tensors))]))
+    _remove_mutations(graph, names)
+    nodes, identity, skipped = _classify(graph)
     (output,) = [n for n in graph.nodes if n.op == "output"]
     loss = output.args[0]
     if not isinstance(loss, fx.Node):
         raise ConeUnavailableError("the captured loss is not a tensor computed from the inputs")
-    cache: dict[fx.Node, Any] = dict(zip(placeholders, tensors))
+    cache: dict[fx.Node, Any] = dict(zip(placeholders, state + batch_tensors))
     for node in graph.nodes:
         if node.op == "get_attr":
             cache[node] = _attr(gm, str(node.target))
@@ -485,6 +495,25 @@ class ConeEngine(Engine):
         fn = self._cone_fn(ph, cone)
         size = self.chunk_size(target)
         return self._run_rows(fn, lambda a, b: rows[a:b].view(b - a, *target.shape), n, size, flat.device)
+
+
+def cone_agrees(loop: LoopEngine, target: Target, loss0: torch.Tensor, slack: float) -> tuple[Engine | None, str]:
+    """The cone engine if it can run this objective and reproduces the plain loss; else None and why not.
+
+    `_engines.choose_engine` gets this function from the module checks (`_check.start_engines`).
+    """
+    try:
+        cone = ConeEngine(loop.lent, loop.objective, loop.seed, loop.tick)
+        zero = torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype, device=target.tensor.device)
+        value = cone.losses_along(target, zero)[0]
+    except ConeUnavailableError as exc:
+        return None, f"the cone engine can't honour this model: {exc}"
+    except Exception as exc:  # any error here means "use vmap"
+        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
+        return None, f"the cone engine could not run the model ({type(exc).__name__}: {first[:160]})"
+    if not abs(float(value) - float(loss0)) <= slack:
+        return None, f"the cone engine gave a different unperturbed loss ({float(value)!r} vs {float(loss0)!r})"
+    return cone, ""
 
 
 # -- low-rank starts ------------------------------------------------------------------------------

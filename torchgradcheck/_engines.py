@@ -38,9 +38,11 @@ from ._errors import InvalidArgumentError
 from ._params import Lent, Target
 from ._state import reseed
 
-__all__ = ["Engine", "EngineSwitch", "LoopEngine", "VmapEngine", "choose_engine", "cone_agrees", "vmap_agrees"]
+__all__ = ["Engine", "EngineSwitch", "LoopEngine", "VmapEngine", "choose_engine", "vmap_agrees"]
 
 Tick = Callable[[int], None]
+# Builds the cone engine for a target (`_cone.cone_agrees`): the engine, or None and why not.
+ConeTrial = Callable[["LoopEngine", Target, torch.Tensor, float], "tuple[Engine | None, str]"]
 # Under engine="auto", the cone engine is tried for plans of at least this many evaluations (or when
 # torch._dynamo, which it needs, is already imported): below that, its one-off import costs more than it saves.
 CONE_MIN_EVALUATIONS = 100_000
@@ -267,7 +269,7 @@ class EngineSwitch:
         self.loop, self.engine, self.forced, self.notes = loop, engine, forced, notes
         self.fallback = fallback
         self.used: list[Engine] = [loop] if engine is loop else [loop, engine]
-        self.cone_trial: tuple[Target, torch.Tensor, float] | None = None  # see `upgrade`
+        self.cone_trial: tuple[ConeTrial, Target, torch.Tensor, float] | None = None  # see `upgrade`
 
     def run(self, what: str, fn: Callable[[Engine], Any]) -> Any:
         """``fn(engine)``; if the engine raises (and was not forced), note it and rerun ``fn`` on the next one."""
@@ -299,7 +301,8 @@ class EngineSwitch:
             return
         if planned < CONE_MIN_EVALUATIONS and "torch._dynamo" not in sys.modules:
             return
-        found, why = cone_agrees(self.loop, *pending)
+        trial, *args = pending
+        found, why = trial(self.loop, *args)
         if found is None:
             _note(self.notes, f"engine: vmap, because {why}")
             return
@@ -315,24 +318,6 @@ class EngineSwitch:
         return self.engine.name
 
 
-def cone_agrees(loop: LoopEngine, target: Target, loss0: torch.Tensor, slack: float) -> tuple[Engine | None, str]:
-    """The cone engine if it can run this objective and reproduces the plain loss; else None and why not."""
-    from ._cone import ConeEngine, ConeUnavailableError  # torch.fx is only imported when the cone is tried
-
-    try:
-        cone = ConeEngine(loop.lent, loop.objective, loop.seed, loop.tick)
-        zero = torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype, device=target.tensor.device)
-        value = cone.losses_along(target, zero)[0]
-    except ConeUnavailableError as exc:
-        return None, f"the cone engine can't honour this model: {exc}"
-    except Exception as exc:  # any error here means "use vmap"
-        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
-        return None, f"the cone engine could not run the model ({type(exc).__name__}: {first[:160]})"
-    if not abs(float(value) - float(loss0)) <= slack:
-        return None, f"the cone engine gave a different unperturbed loss ({float(value)!r} vs {float(loss0)!r})"
-    return cone, ""
-
-
 def choose_engine(
     call: str,
     loop: LoopEngine,
@@ -342,16 +327,16 @@ def choose_engine(
     wanted: str,
     notes: list[str],
     *,
-    cone: bool = False,
+    cone: ConeTrial | None = None,
 ) -> EngineSwitch:
     """THE engine policy: cone, else vmap, where they reproduce the plain loss; else the loop (with a note).
 
     `loop` is the loop engine of this check (its lent model, objective, seed and tick are reused);
     `target` the tensor the batched engines are tried on (None: nothing to check, the loop); `nondet`
     the measured nondeterminism of the forward, which widens the agreement slack by ``10 * nondet``.
-    With ``wanted="auto"`` and `cone` set (module checks) the cone engine (`_cone`) may replace vmap
-    once the plan is known (`EngineSwitch.upgrade`). ``wanted="vmap"`` or ``"cone"`` that can't run is
-    an error naming `call`.
+    `cone` (module checks pass `_cone.cone_agrees`) builds the cone engine: ``wanted="cone"`` forces
+    it, and under ``wanted="auto"`` it may replace vmap once the plan is known (`EngineSwitch.upgrade`).
+    ``wanted="vmap"`` or ``"cone"`` that can't run is an error naming `call`.
     """
     engine: Engine = loop
     if target is None:
@@ -359,7 +344,7 @@ def choose_engine(
     u = float(torch.finfo(target.tensor.dtype).eps) / 2
     slack = 1e4 * u * abs(float(loss0)) + 10 * nondet
     if wanted == "cone":
-        found, why = cone_agrees(loop, target, loss0, slack)
+        found, why = cone(loop, target, loss0, slack) if cone else (None, "it is only available to module checks")
         if found is None:
             raise InvalidArgumentError(f"{call}: engine='cone' is not usable here: {why}; use engine='auto'.")
         return EngineSwitch(loop, found, True, notes)
@@ -374,7 +359,7 @@ def choose_engine(
             _note(notes, f"engine: loop, because {why}")
     switch = EngineSwitch(loop, engine, wanted in ("vmap", "cone"), notes)
     if wanted == "auto" and cone and engine is not loop:
-        switch.cone_trial = (target, loss0, slack)
+        switch.cone_trial = (cone, target, loss0, slack)
     return switch
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from ._accumulation import AccumulationVerdict, apply_accumulation, check_accumulation
 from ._batch import BatchError, Objective, check_loss, convert_batch, module_is_lazy
 from ._compare import DTYPE_DEFAULTS
+from ._cone import cone_agrees
 from ._dtensor import is_dtensor, local_grad
 from ._engines import EngineSwitch, LoopEngine, choose_engine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
@@ -96,7 +97,9 @@ def check_targets(
     for job in jobs:
         engines.run(job.target.name, lambda e, job=job: measure_noise(e, job, loss0, nondet, generator))
     plan(jobs, options.mode, options.budget)
-    grow(sum(job.cost("auto" if job.mode == "cheap" else job.mode) for job in jobs))
+    planned = sum(job.cost("auto" if job.mode == "cheap" else job.mode) for job in jobs)
+    engines.upgrade(planned)
+    grow(planned)
     results = [
         engines.run(job.target.name, lambda e, job=job: check_tensor(e, job, loss0, nondet, settings, generator))
         for job in jobs
@@ -136,7 +139,7 @@ def start_engines(
             f"{nondet:.2e}; tolerances widened by this noise"
         )
     first = targets[0] if targets else None
-    return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes), nondet
+    return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes, cone=cone_agrees), nondet
 
 
 def overall_error(results: Sequence[TensorResult]) -> float:

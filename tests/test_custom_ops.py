@@ -365,3 +365,19 @@ def test_custom_op_inside_a_module_quietly_on_the_loop(capfd, op, bug):
     assert report.passed is not bug, report
     assert report.engine == "loop"
     assert any(f"{NS}::{op._name} has no vmap batching rule" in n for n in report.notes), report.notes
+
+
+def test_builtin_op_without_a_batching_rule_is_quiet_too(capfd):
+    """PyTorch's own ops can lack a batching rule too (the TransformerEncoderLayer eval fast path,
+    aten::_transformer_encoder_layer_fwd): no C++ warning reaches stderr, and the verdict stands."""
+    from torchgradcheck import verify_module
+
+    torch.manual_seed(0)
+    layer = torch.nn.TransformerEncoderLayer(8, 2, dim_feedforward=12, dropout=0.0, batch_first=True)
+    model = torch.nn.TransformerEncoder(layer, 1, enable_nested_tensor=False).eval()
+    x, y = torch.randn(2, 5, 8), torch.randn(2, 5, 8)
+    capfd.readouterr()
+    report = verify_module(model, torch.nn.MSELoss(), (x, y), mode="full", engine="auto", localise=False)
+    assert capfd.readouterr().err == ""
+    assert report.passed, report
+    assert report.engine != "vmap"

@@ -98,6 +98,7 @@ def measure(
             sigma,
             settings.rtol,
             settings.atol,
+            wider=look.wider,
         )
         numerical = numerical.clone()
         tolerance = tolerance.clone()

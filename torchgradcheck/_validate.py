@@ -36,7 +36,9 @@ def _fix(leaf: Any) -> str:
             "an iterator is used up by the first evaluation: materialise it (a tuple of tensors, or "
             "torch.stack), or pass forward=lambda model, batch: loss"
         )
-    return "pass tensors (in tuples, lists or dicts) and plain Python scalars, or pass forward=lambda model, batch: loss"
+    return (
+        "pass tensors (in tuples, lists or dicts) and plain Python scalars, or pass forward=lambda model, batch: loss"
+    )
 
 
 def bad_leaves(batch: Any, path: str = "batch") -> None:

@@ -15,12 +15,12 @@ import torch
 from torch import nn
 from torch.utils import _pytree as pytree
 
-__all__ = ["BadLeaf", "bad_leaves", "meta_tensors"]
+__all__ = ["BadLeafError", "bad_leaves", "meta_tensors"]
 
 _PLAIN = (type(None), bool, int, float, complex, torch.dtype, torch.device, torch.Tensor)
 
 
-class BadLeaf(TypeError):
+class BadLeafError(TypeError):
     """Internal: a batch leaf the check can't handle; the message says which and the fix."""
 
 
@@ -42,14 +42,14 @@ def _fix(leaf: Any) -> str:
 
 
 def bad_leaves(batch: Any, path: str = "batch") -> None:
-    """Raise `BadLeaf` for the first leaf of `batch` that is not a tensor or a plain Python value."""
+    """Raise `BadLeafError` for the first leaf of `batch` that is not a tensor or a plain Python value."""
     leaves, _ = pytree.tree_flatten_with_path(batch)
     for key, leaf in leaves:
         if isinstance(leaf, _PLAIN):
             continue
         kind = type(leaf)
         name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-        raise BadLeaf(f"{path}{pytree.keystr(key)} is a {name}, not a tensor; {_fix(leaf)}")
+        raise BadLeafError(f"{path}{pytree.keystr(key)} is a {name}, not a tensor; {_fix(leaf)}")
 
 
 def meta_tensors(model: nn.Module) -> list[str]:

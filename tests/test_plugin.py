@@ -66,7 +66,7 @@ def test_plugin_help_lists_gradcheck_options(pytester):
     result.stdout.fnmatch_lines(
         [
             "gradient checks (torchgradcheck):",
-            "*--gradcheck-mode={full,directional,sampled,auto}",
+            "*--gradcheck-mode={auto,full,directional,sampled}",
             "*run every verify_module call made through the gradcheck*",
             "*--gradcheck-device=DEVICE",
             "*move models and batches to DEVICE*",
@@ -119,7 +119,7 @@ def test_plugin_header_and_device_skip(pytester):
 def test_plugin_rejects_unknown_mode(pytester):
     result = pytester.runpytest_subprocess("--gradcheck-mode=exhaustive")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--gradcheck-mode: invalid choice: 'exhaustive'*full*directional*sampled*auto*"])
+    result.stderr.fnmatch_lines(["*--gradcheck-mode: invalid choice: 'exhaustive'*auto*full*directional*sampled*"])
 
 
 def test_plugin_mode_option_reaches_verify_module(pytester):

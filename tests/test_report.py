@@ -177,7 +177,7 @@ def test_report_to_dict_is_json_and_round_trips(every_status):
     assert data["call"] == "verify_module"
     assert data["relative_error"] == report.relative_error
     assert data["evaluations"] == report.evaluations
-    assert data["options"] == report.options
+    assert data["options"] == report.options.to_dict()
     assert [(d["name"], d["status"], tuple(d["shape"]), d["passed"]) for d in data["results"]] == [
         (r.name, r.status, r.shape, r.passed) for r in report.results
     ]

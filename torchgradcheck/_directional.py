@@ -11,7 +11,7 @@ sharp where torch's fast mode is blind:
 * +-1 components never vanish, so a single wrong element always moves the discrepancy.
 
 A failed probe says which tensor, not which element: `narrow` bisects the tensor with probes
-restricted to halves until small groups of suspects remain, which `_check.measure` then checks
+restricted to halves until small groups of suspects remain, which `_measure.measure` then checks
 element by element so the report still names ``fc1.weight[3, 7]``.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._check import Settings
 from ._compare import KINK_SHARE, KINK_SIGMAS, NOISE_SIGMAS, quartic_misfit
 from ._engines import Engine
+from ._measure import Settings
 from ._params import Target
 
 __all__ = ["DIRECTIONAL_RTOL", "ProbeResult", "narrow", "probe", "random_directions"]
@@ -100,7 +100,7 @@ def probe(
     numerical = (plus - minus) / 2
     ana = step @ analytical
     scale = analytical.norm() * step.norm(dim=1)
-    rtol = DIRECTIONAL_RTOL[dtype] if settings.directional_rtol is None else settings.directional_rtol
+    rtol = DIRECTIONAL_RTOL[dtype]
     noise = NOISE_SIGMAS * math.sqrt(2.0) * sigma / 2
     tolerance = rtol * scale + noise + settings.atol * step.abs().sum(dim=1)
     kink = torch.zeros(len(deltas), dtype=torch.bool, device=deltas.device)

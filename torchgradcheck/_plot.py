@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
     from torch import nn
 
-    from ._report import ParameterResult, Report
+    from ._report import Report, TensorResult
 
 __all__ = ["StepSweep", "plot_report", "plot_step_sweep"]
 
@@ -56,7 +56,7 @@ def _save(fig: Figure, path: str | os.PathLike[str] | None) -> None:
 # ------------------------------------------------------------------------------------------ report
 
 
-def _ratios(r: ParameterResult) -> tuple[Any, Any, Any]:
+def _ratios(r: TensorResult) -> tuple[Any, Any, Any]:
     """(ratios of judged elements, ratios of excluded elements, their flat indices) for one tensor."""
     import numpy as np
 
@@ -87,7 +87,7 @@ def _subsample(ratio: Any, rng: Any) -> Any:
     return ratio[np.concatenate([keep, extra])]
 
 
-def _column_label(r: ParameterResult) -> str:
+def _column_label(r: TensorResult) -> str:
     """Name, shape, verdict and (for a cheap mode) how many elements were checked, under the column."""
     numel = math.prod(r.shape)
     lines = [r.name, str(tuple(r.shape)).replace(",)", ")"), f"{r.failed}/{r.checked} over" if r.failed else r.status]
@@ -159,7 +159,7 @@ def _strip(ax: Axes, report: Report) -> None:
     )
 
 
-def heatmap_grid(r: ParameterResult) -> tuple[Any, Any, str]:
+def heatmap_grid(r: TensorResult) -> tuple[Any, Any, str]:
     """(|a - n| as a 2-D array, over-tolerance mask, axis note) of a tensor with >= 2 dimensions."""
     import numpy as np
 
@@ -171,7 +171,7 @@ def heatmap_grid(r: ParameterResult) -> tuple[Any, Any, str]:
     return err, over, note
 
 
-def _heatmap(fig: Figure, ax: Axes, r: ParameterResult) -> None:
+def _heatmap(fig: Figure, ax: Axes, r: TensorResult) -> None:
     import matplotlib
     import numpy as np
     from matplotlib.colors import LogNorm

@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ._types import MODES
+
 if TYPE_CHECKING:
     from torch import nn
 
     from ._report import Report
 
 __all__ = ["MODES", "Gradcheck", "gradcheck"]
-
-MODES = ("full", "directional", "sampled", "auto")  # verify_module's mode= (mirrored, to keep torch out)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -155,7 +155,7 @@ class Gradcheck:
         __tracebackhide__ = True
         verify = self._verify_function
         if verify is None:
-            from ._function import verify_function as verify
+            from .function import verify_function as verify
         if self.device is not None:
             args, kwargs = _to(args, self.device), _to(kwargs, self.device)
         report = verify(fn, *args, **kwargs)

@@ -29,9 +29,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._batch import Objective, input_targets
-from ._check import Settings, TensorCheck, measure, noise_level, summarise
-from ._distributed import (
+from .._batch import Objective, input_targets
+from .._engines import LoopEngine
+from .._errors import InvalidArgumentError, InvalidArgumentTypeError
+from .._measure import Settings, TensorCheck, measure, noise_level, summarise
+from .._params import Lent, Target
+from .._report import TensorResult
+from ._collectives import (
     CALL,
     PLACEMENTS,
     Tick,
@@ -44,10 +48,6 @@ from ._distributed import (
     spread,
     target_generator,
 )
-from ._engines import LoopEngine
-from ._errors import InvalidArgumentError, InvalidArgumentTypeError
-from ._params import Lent, Target
-from ._report import ParameterResult
 
 __all__ = ["LockstepEngine", "measure_agreed", "resolve_placement", "run_lockstep"]
 
@@ -157,7 +157,7 @@ def measure_agreed(
     loss0: torch.Tensor,
     settings: Settings,
 ) -> TensorCheck:
-    """`_check.measure` of a replicated tensor on every rank at once, the second look agreed on.
+    """`_measure.measure` of a replicated tensor on every rank at once, the second look agreed on.
 
     The numerical side is the same on every rank but the analytical one may not be (that is the
     divergence the check reports), so the elements that failed the first pass on ANY rank get the
@@ -187,7 +187,7 @@ def _check_replicated(t: Target, group: Any) -> None:
         )
 
 
-def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float) -> ParameterResult:
+def _merge_replicated(per_rank: list[TensorResult], gap: float, bound: float) -> TensorResult:
     """One result for a replicated tensor: the first failing rank's, or rank 0's; divergence fails it."""
     failing = [(r, res) for r, res in enumerate(per_rank) if not res.passed]
     rank, res = failing[0] if failing else (0, per_rank[0])
@@ -207,7 +207,7 @@ def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float)
     return dataclasses.replace(res, status=status, note="; ".join(notes))
 
 
-def _renamed(res: ParameterResult, rank: int) -> ParameterResult:
+def _renamed(res: TensorResult, rank: int) -> TensorResult:
     return dataclasses.replace(res, name=f"rank{rank}:{res.name}")
 
 
@@ -222,7 +222,7 @@ def run_lockstep(
     group: Any,
     notes: list[str],
     tick: Tick,
-) -> tuple[list[ParameterResult], int, float]:
+) -> tuple[list[TensorResult], int, float]:
     """Check a distributed model; returns the merged results, the forwards per rank, the relative error."""
     rank, size = rank_and_size(group)
     names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
@@ -262,7 +262,7 @@ def run_lockstep(
     engine = LockstepEngine(lent, objective, seed, tick, group=group)
     _, nondet = engine.loss_twice()
 
-    local: list[ParameterResult | None] = []
+    local: list[TensorResult | None] = []
     gaps: list[tuple[float, float]] = []  # replicated tensors: spread of the gradient across ranks, and its bound
     sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
     message = None
@@ -306,7 +306,7 @@ def run_lockstep(
         )
     gathered: list[Any] = [None] * size
     dist.all_gather_object(gathered, local, group=group)
-    results: list[ParameterResult] = []
+    results: list[TensorResult] = []
     for k, t in enumerate(targets):
         if where[t.name] == "replicated":
             results.append(_merge_replicated([gathered[r][k] for r in range(size)], *gaps[k]))

@@ -91,12 +91,13 @@ class MaskedAttention(nn.Module):
 
 
 def attention_masks(bug=None):
-    """Causal float mask with -inf entries and a boolean key-padding mask, both in the batch."""
+    """Causal and key-padding masks as float tensors with -inf entries, both in the batch."""
     torch.manual_seed(0)
     model = MaskedAttention(bug)
     x = torch.randn(2, 5, 8)
     causal = torch.triu(torch.full((5, 5), float("-inf")), diagonal=1)
-    pad = torch.tensor([[False] * 5, [False, False, False, True, True]])
+    pad = torch.zeros(2, 5)
+    pad[1, 3:] = float("-inf")  # float key-padding mask (the same type as attn_mask)
     y = torch.randn(2, 5, 3)
     return Case(model, nn.MSELoss(), ((x, causal, pad), y), expect="fail" if bug else "pass")
 

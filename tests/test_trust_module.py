@@ -104,8 +104,8 @@ class _WithEmpty(nn.Module):
         self.bug = bug
 
     def forward(self, x):
-        h = torch.cat([x, x @ self.extra.T], dim=1)
-        return self.fc(h if self.bug is None else WrongGrad.apply(h, self.bug))
+        out = self.fc(torch.cat([x, x @ self.extra.T], dim=1))
+        return out if self.bug is None else WrongGrad.apply(out, self.bug)
 
 
 def test_empty_parameter_is_skipped_with_a_note():
@@ -189,18 +189,21 @@ def test_nansum_loss_over_nan_inputs_passes_and_a_wrong_slope_fails():
     x = torch.randn(5, 3)
     x[1, 2] = float("nan")
 
-    class Scale(nn.Module):
+    class Shift(nn.Module):
+        """x + tanh(s * w): the NaN elements of x reach torch.nansum only through an addition."""
+
         def __init__(self, bug=None):
             super().__init__()
             self.s = nn.Parameter(torch.tensor(1.5))
+            self.register_buffer("w", torch.linspace(-1, 1, 3))
             self.bug = bug
 
         def forward(self, x):
             s = self.s if self.bug is None else WrongGrad.apply(self.s, self.bug)
-            return torch.tanh(x) * s
+            return x + torch.tanh(s * self.w)
 
-    def loss(out):
-        return torch.nansum(out.where(~out.isnan(), torch.zeros((), dtype=out.dtype)) ** 2)
+    loss = torch.nansum
+    Scale = Shift
 
     assert verify_module(Scale(), loss, (x,)).passed
     assert not verify_module(Scale(1.02), loss, (x,), localise=False).passed
@@ -321,9 +324,10 @@ class _Branches(nn.Module):
 def test_loss_that_differs_without_autograd_is_an_error():
     torch.manual_seed(0)
     model = _Branches(branch=True)
+    batch = (torch.randn(3, 4), torch.randn(3, 2))
     before = snapshot(model)
     with pytest.raises(InvalidArgumentError, match="with and without autograd"):
-        verify_module(model, nn.MSELoss(), (torch.randn(3, 4), torch.randn(3, 2)))
+        verify_module(model, nn.MSELoss(), batch)
     assert_unchanged(before, model)
 
 
@@ -337,7 +341,10 @@ def test_same_loss_with_and_without_autograd_passes():
 
 def test_tolerance_large_next_to_gradient_is_weak_and_not_passed():
     model, loss_fn, batch = _mlp()
-    report = verify_module(model, loss_fn, batch, atol=1e3)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    largest = max(float(p.grad.abs().max()) for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+    report = verify_module(model, loss_fn, batch, atol=largest / 3)  # some |g| > tol, none > 10 tol
     assert {r.status for r in report.results} == {"weak"}
     assert not report.passed
     assert "power" in report.headline()
@@ -414,7 +421,7 @@ def test_zero_gradient_warning_does_not_change_a_failing_verdict():
 
 def test_integer_inputs_get_their_own_message_not_the_dtype_hint():
     model = nn.Linear(4, 2)
-    with pytest.raises(InvalidArgumentError, match=r"batch\[0\].*integer") as info:
+    with pytest.raises(InvalidArgumentError, match=r"integer.*batch\[0\]") as info:
         verify_module(model, nn.MSELoss(), (torch.randint(0, 3, (3, 4)), torch.randn(3, 2)))
     assert "dtype=None" not in str(info.value)
     assert ".float()" in str(info.value)
@@ -439,9 +446,10 @@ class _InPlace(nn.Module):
 def test_in_place_error_in_the_model_gets_its_own_message():
     torch.manual_seed(0)
     model = _InPlace(True)
+    batch = (torch.randn(3, 4), torch.randn(3, 3))
     before = snapshot(model)
     with pytest.raises(InvalidArgumentError, match="in-place") as info:
-        verify_module(model, nn.MSELoss(), (torch.randn(3, 4), torch.randn(3, 3)))
+        verify_module(model, nn.MSELoss(), batch)
     assert "dtype=None" not in str(info.value)
     assert_unchanged(before, model)
 
@@ -489,9 +497,10 @@ class _Three(nn.Module):
 )
 def test_non_tensor_leaf_is_a_type_error_naming_its_path(leaf, what):
     model = _Three()
+    batch = ((torch.randn(3, 4), torch.randn(1), leaf), torch.randn(3, 2))
     before = snapshot(model)
     with pytest.raises(InvalidArgumentTypeError, match=r"batch\[0\]\[2\].*" + what) as info:
-        verify_module(model, nn.MSELoss(), ((torch.randn(3, 4), torch.randn(1), leaf), torch.randn(3, 2)))
+        verify_module(model, nn.MSELoss(), batch)
     assert "forward=" in str(info.value)
     assert model.calls == 0  # validated before the model runs
     assert_unchanged(before, model)

@@ -37,11 +37,13 @@ class BatchError(ValueError):
 
 
 def convert_batch(batch: Any, dtype: torch.dtype | None, path: str = "batch") -> Any:
-    """Copy the batch, floating tensors in `dtype`; reject NaN/Inf. Never touches the caller's tensors."""
+    """Copy the batch, floating tensors in `dtype`. Never touches the caller's tensors.
+
+    NaN/Inf elements are kept (masks with -inf, nansum inputs): they are never perturbed, and only a
+    non-finite loss at the unperturbed point is an error (`check_loss`).
+    """
     if isinstance(batch, torch.Tensor):
         if batch.is_floating_point() or batch.is_complex():
-            if not bool(torch.isfinite(batch).all()):
-                raise BatchError(f"{path} contains NaN or Inf")
             target = dtype or batch.dtype
             if batch.is_complex():  # complex stays complex: casting to a real dtype would drop the imaginary part
                 target = _COMPLEX.get(target, batch.dtype)
@@ -59,6 +61,29 @@ def convert_batch(batch: Any, dtype: torch.dtype | None, path: str = "batch") ->
             return type(batch)(*items)
         return type(batch)(items)
     return batch
+
+
+def non_finite_paths(batch: Any, path: str = "batch") -> list[str]:
+    """Paths of the batch's floating tensors holding NaN or Inf elements (for the error on a non-finite loss)."""
+    if isinstance(batch, torch.Tensor):
+        bad = (batch.is_floating_point() or batch.is_complex()) and not bool(torch.isfinite(batch).all())
+        return [path] if bad else []
+    if isinstance(batch, dict):
+        return [p for k, v in batch.items() for p in non_finite_paths(v, f"{path}[{k!r}]")]
+    if isinstance(batch, (tuple, list)):
+        return [p for i, v in enumerate(batch) for p in non_finite_paths(v, f"{path}[{i}]")]
+    return []
+
+
+def integer_paths(batch: Any, path: str = "batch") -> list[str]:
+    """Paths of the batch's integer tensors (indices are fine; fed to a float layer they are an error)."""
+    if isinstance(batch, torch.Tensor):
+        return [] if batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool else [path]
+    if isinstance(batch, dict):
+        return [p for k, v in batch.items() for p in integer_paths(v, f"{path}[{k!r}]")]
+    if isinstance(batch, (tuple, list)):
+        return [p for i, v in enumerate(batch) for p in integer_paths(v, f"{path}[{i}]")]
+    return []
 
 
 def input_targets(batch: Any, path: str = "batch") -> list[Target]:

@@ -25,6 +25,9 @@ __all__ = ["Settings", "TensorCheck", "measure", "noise_level", "summarise"]
 
 WORST_SHOWN = 5
 INCONCLUSIVE_SHARE = 0.5  # more than this share of elements at kinks: no verdict for the tensor
+# Power: a tensor is "ok" only if a backward wrong by 1/POWER (10 %) would have failed in at least one
+# of its elements, i.e. max |numerical| / tol >= POWER; otherwise it is "weak" (README, "Power").
+POWER = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,9 @@ def measure(
     """
     if sigma is None:
         sigma = noise_level(engine, target, loss0, floor, generator)
-    full = index is None
+    full = index is None and target.skip is None
     if index is None:
-        index = torch.arange(target.tensor.numel(), device=target.tensor.device)
+        index = target.checkable
     a = analytical[index]
     first = first_pass(engine, target, index, settings.eps)
     numerical = first.derivative
@@ -168,6 +171,15 @@ def summarise(
         status = "zero"
     else:
         status = "ok"
+        power = float((n.abs() / tol.clamp(min=torch.finfo(torch.float64).tiny))[judged].max())
+        if power < POWER:
+            status = "weak"
+            note = (
+                f"weak: the tolerance is not small next to the gradient (largest |numerical| / tol = {power:.2g}, "
+                f"below {POWER:g}): only a backward more than {1 / max(power, 1e-300):.0%} wrong could fail here"
+            )
+    if target.skip_note:
+        note = f"{note}; {target.skip_note}" if note else target.skip_note
     return TensorResult(
         name=target.name,
         shape=shape,

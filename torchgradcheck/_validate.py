@@ -28,7 +28,7 @@ def _fix(leaf: Any) -> str:
     kind = type(leaf)
     module = kind.__module__.split(".")[0]
     if module == "numpy":
-        return "convert it with torch.from_numpy(...) (or torch.as_tensor)"
+        return "convert it with torch.from_numpy(...), or pass forward=lambda model, batch: loss"
     if isinstance(leaf, (str, bytes)):
         return "strings can't be checked: bind it in the model or the loss, or pass forward=lambda model, batch: loss"
     if inspect.isgenerator(leaf) or hasattr(leaf, "__next__"):

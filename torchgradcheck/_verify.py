@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from ._batch import Objective, input_targets
-from ._check import Checked, check_module_call, check_targets, prepare
+from ._check import Checked, check_module_call, check_targets, power_warnings, prepare
 from ._errors import InvalidArgumentTypeError
 from ._noise import NOISE_POINTS
 from ._options import CheckOptions, check_options, reject_unknown, validate_patterns
@@ -159,4 +159,5 @@ def _run(
         seconds=time.perf_counter() - start,
         engine=found.engine,
         notes=tuple(found.notes),
+        warnings=tuple(power_warnings(found.results)),
     )

@@ -265,3 +265,12 @@ def test_plugin_modes_mirror_verify_module_modes():
     from torchgradcheck.pytest_plugin import MODES
 
     assert sorted(MODES) == sorted(VERIFY_MODES)
+
+
+def test_plugin_reemits_report_warnings_as_gradcheck_warning():
+    from torchgradcheck import GradcheckWarning, Report
+    from torchgradcheck.pytest_plugin import _warn
+
+    report = Report(call="verify_module", results=(), relative_error=0.0, warnings=("the check saw no signal.",))
+    with pytest.warns(GradcheckWarning, match=r"^verify_module: the check saw no signal\.$"):
+        _warn(report)

@@ -42,7 +42,7 @@ _WHERE = {
     "TorchGradcheckError": "._errors",
     "Localisation": "._localise",
     "SiteVerdict": "._localise",
-    "plot_step_sweep": "._plot",
+    "plot_step_sweep": "._sweep",
     "verify_distributed": ".distributed",
     "verify_function": ".function",
     "verify_module": "._verify",
@@ -57,8 +57,8 @@ if TYPE_CHECKING:
         TorchGradcheckError,
     )
     from ._localise import Localisation, SiteVerdict
-    from ._plot import plot_step_sweep
     from ._report import ElementResult, ParameterResult, Report, TensorResult
+    from ._sweep import plot_step_sweep
     from ._verify import verify_module
     from .distributed import verify_distributed
     from .function import verify_function

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ._params import Target
@@ -39,66 +40,54 @@ class BatchError(ValueError):
 def convert_batch(batch: Any, dtype: torch.dtype | None, path: str = "batch") -> Any:
     """Copy the batch, floating tensors in `dtype`. Never touches the caller's tensors.
 
-    NaN/Inf elements are kept (masks with -inf, nansum inputs): they are never perturbed, and only a
-    non-finite loss at the unperturbed point is an error (`check_loss`).
+    NaN/Inf elements are kept (masks holding -inf, inputs meant for nansum): they are never perturbed,
+    and only a non-finite loss at the unperturbed point is an error (`check_loss`).
+
+    Containers are walked with ``torch.utils._pytree`` (tuples, lists, dicts, namedtuples and every
+    registered container), rebuilt with their own types.
     """
-    if isinstance(batch, torch.Tensor):
-        if batch.is_floating_point() or batch.is_complex():
-            target = dtype or batch.dtype
-            if batch.is_complex():  # complex stays complex: casting to a real dtype would drop the imaginary part
-                target = _COMPLEX.get(target, batch.dtype)
-            with torch.inference_mode(False):  # a normal tensor, even if the caller is in inference mode
-                return batch.detach().to(dtype=target, copy=True).contiguous()
-        if batch.is_inference():  # made under torch.inference_mode(): autograd may not save it, so copy it
-            with torch.inference_mode(False):
-                return batch.clone()
+    return pytree.tree_map_with_path(lambda key, leaf: _convert_leaf(leaf, dtype, path + pytree.keystr(key)), batch)
+
+
+def _convert_leaf(batch: Any, dtype: torch.dtype | None, path: str) -> Any:
+    if not isinstance(batch, torch.Tensor):
         return batch
-    if isinstance(batch, dict):
-        return {k: convert_batch(v, dtype, f"{path}[{k!r}]") for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        items = [convert_batch(v, dtype, f"{path}[{i}]") for i, v in enumerate(batch)]
-        if hasattr(batch, "_fields"):  # namedtuple
-            return type(batch)(*items)
-        return type(batch)(items)
+    if batch.is_floating_point() or batch.is_complex():
+        target = dtype or batch.dtype
+        if batch.is_complex():  # complex stays complex: casting to a real dtype would drop the imaginary part
+            target = _COMPLEX.get(target, batch.dtype)
+        with torch.inference_mode(False):  # a normal tensor, even if the caller is in inference mode
+            return batch.detach().to(dtype=target, copy=True).contiguous()
+    if batch.is_inference():  # made under torch.inference_mode(): autograd may not save it, so copy it
+        with torch.inference_mode(False):
+            return batch.clone()
     return batch
+
+
+def _paths(batch: Any, path: str, keep: Callable[[torch.Tensor], bool]) -> list[str]:
+    leaves, _ = pytree.tree_flatten_with_path(batch)
+    return [path + pytree.keystr(k) for k, t in leaves if isinstance(t, torch.Tensor) and keep(t)]
 
 
 def non_finite_paths(batch: Any, path: str = "batch") -> list[str]:
     """Paths of the batch's floating tensors holding NaN or Inf elements (for the error on a non-finite loss)."""
-    if isinstance(batch, torch.Tensor):
-        bad = (batch.is_floating_point() or batch.is_complex()) and not bool(torch.isfinite(batch).all())
-        return [path] if bad else []
-    if isinstance(batch, dict):
-        return [p for k, v in batch.items() for p in non_finite_paths(v, f"{path}[{k!r}]")]
-    if isinstance(batch, (tuple, list)):
-        return [p for i, v in enumerate(batch) for p in non_finite_paths(v, f"{path}[{i}]")]
-    return []
+    return _paths(
+        batch, path, lambda t: (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+    )
 
 
 def integer_paths(batch: Any, path: str = "batch") -> list[str]:
     """Paths of the batch's integer tensors (indices are fine; fed to a float layer they are an error)."""
-    if isinstance(batch, torch.Tensor):
-        return [] if batch.is_floating_point() or batch.is_complex() or batch.dtype == torch.bool else [path]
-    if isinstance(batch, dict):
-        return [p for k, v in batch.items() for p in integer_paths(v, f"{path}[{k!r}]")]
-    if isinstance(batch, (tuple, list)):
-        return [p for i, v in enumerate(batch) for p in integer_paths(v, f"{path}[{i}]")]
-    return []
+    return _paths(batch, path, lambda t: not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool))
 
 
 def input_targets(batch: Any, path: str = "batch") -> list[Target]:
-    """The floating tensors of a converted batch, as targets to perturb (``inputs=True``)."""
-    found: list[Target] = []
-    if isinstance(batch, torch.Tensor):
-        if batch.is_floating_point():
-            found.append(Target(path, batch, kind="input", param=batch))
-    elif isinstance(batch, dict):
-        for k, v in batch.items():
-            found.extend(input_targets(v, f"{path}[{k!r}]"))
-    elif isinstance(batch, (tuple, list)):
-        for i, v in enumerate(batch):
-            found.extend(input_targets(v, f"{path}[{i}]"))
-    return found
+    """The floating tensors of a converted batch, as targets to perturb (``inputs=True``), named by path."""
+    return [
+        Target(path + pytree.keystr(key), leaf, kind="input", param=leaf)
+        for key, leaf in pytree.tree_flatten_with_path(batch)[0]
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+    ]
 
 
 def _call(model: Callable[..., Any], inputs: Any) -> Any:

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.func import functional_call, vmap
 
@@ -135,14 +136,8 @@ def memory_budget(device: torch.device) -> int:
 
 
 def _substitute(tree: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
-    if tree is old:
-        return new
-    if isinstance(tree, dict):
-        return {k: _substitute(v, old, new) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_substitute(v, old, new) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return tree
+    """`tree` with the leaf `old` (by identity) replaced by `new`."""
+    return pytree.tree_map(lambda leaf: new if leaf is old else leaf, tree)
 
 
 class _Wrapped(nn.Module):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._compare import first_tolerance, judge_second_look, relative_error
+from ._compare import Judgement, first_tolerance, judge_second_look, refine_failures, relative_error
 from ._engines import Engine
 from ._finite_diff import first_pass, second_look
 from ._noise import estimate_noise, unit_roundoff
@@ -83,30 +83,24 @@ def measure(
     first = first_pass(engine, target, index, settings.eps)
     numerical = first.derivative
     tolerance = first_tolerance(numerical, first.span, sigma, settings.rtol, settings.atol)
-    bad = ~((a - numerical).abs() <= tolerance)  # NaN counts as bad
-    if agree is not None:
-        bad = agree(bad)
-    kink = torch.zeros_like(bad)
-    if bool(bad.any()):
-        where = bad.nonzero().flatten()
-        look = second_look(engine, target, first, where, loss0)
-        j = judge_second_look(
+
+    def look(where: torch.Tensor) -> Judgement:
+        extra = second_look(engine, target, first, where, loss0)
+        return judge_second_look(
             a[where],
-            numerical[where],
+            first.derivative[where],
             first.h[where],
             first.span[where],
-            look.values,
-            look.wide,
+            extra.values,
+            extra.wide,
             sigma,
             settings.rtol,
             settings.atol,
-            wider=look.wider,
+            wider=extra.wider,
         )
-        numerical = numerical.clone()
-        tolerance = tolerance.clone()
-        numerical[where] = j.numerical
-        tolerance[where] = j.tolerance
-        kink[where] = j.kink
+
+    judged = refine_failures(a, numerical, tolerance, look, agree)
+    numerical, tolerance, kink = judged.numerical, judged.tolerance, judged.kink
     return TensorCheck(a, numerical, tolerance, kink, sigma, None if full else index)
 
 
@@ -151,33 +145,9 @@ def summarise(
     kink_index = tuple(where(i) for i in kink.nonzero().flatten().tolist())
     rel = relative_error(a[judged], n[judged])
     quiet = bool((a.abs() <= tol).all()) and bool((n.abs() <= tol).all())
-    note = ""
-    if not has_grad:
-        bad = failed or extra_failure
-        status = "no gradient" if bad else "unused"
-        note = (
-            ".grad is None after backward, but the loss depends on this tensor: something cuts it off "
-            "(.detach(), torch.no_grad(), .data)"
-            if bad
-            else ".grad is None after backward and the loss does not depend on it"
-        )
-    elif failed or extra_failure:
-        status = "mismatch"
-        note = extra_failure
-    elif judged.numel() and len(kink_index) > INCONCLUSIVE_SHARE * judged.numel():
-        status = "inconclusive"
-        note = f"{len(kink_index)} of {judged.numel()} elements sit at kinks; too few left to judge this tensor"
-    elif quiet:
-        status = "zero"
-    else:
-        status = "ok"
-        power = float((n.abs() / tol.clamp(min=torch.finfo(torch.float64).tiny))[judged].max())
-        if power < POWER:
-            status = "weak"
-            note = (
-                f"weak: the tolerance is not small next to the gradient (largest |numerical| / tol = {power:.2g}, "
-                f"below {POWER:g}): only a backward more than {1 / max(power, 1e-300):.0%} wrong could fail here"
-            )
+    status, note = _status(has_grad, failed, extra_failure, judged.numel(), len(kink_index), quiet)
+    if status == "ok":
+        status, note = _power(n, tol, judged)
     if target.skip_note:
         note = f"{note}; {target.skip_note}" if note else target.skip_note
     return TensorResult(
@@ -196,6 +166,33 @@ def summarise(
         coverage=coverage,
         norms=(float(a[judged].norm()), float(n[judged].norm())),
         errors=_element_errors(err, tol, kink, check.index, target.tensor.numel()),
+    )
+
+
+def _status(has_grad: bool, failed: int, extra_failure: str, judged: int, kinks: int, quiet: bool) -> tuple[str, str]:
+    """The status of one tensor and its note, from the counts `summarise` found."""
+    if not has_grad:
+        if failed or extra_failure:
+            return "no gradient", (
+                ".grad is None after backward, but the loss depends on this tensor: something cuts it off "
+                "(.detach(), torch.no_grad(), .data)"
+            )
+        return "unused", ".grad is None after backward and the loss does not depend on it"
+    if failed or extra_failure:
+        return "mismatch", extra_failure
+    if judged and kinks > INCONCLUSIVE_SHARE * judged:
+        return "inconclusive", f"{kinks} of {judged} elements sit at kinks; too few left to judge this tensor"
+    return ("zero" if quiet else "ok"), ""
+
+
+def _power(n: torch.Tensor, tol: torch.Tensor, judged: torch.Tensor) -> tuple[str, str]:
+    """ "ok" if a backward wrong by 1/POWER would have failed in some element, else "weak" and why."""
+    power = float((n.abs() / tol.clamp(min=torch.finfo(torch.float64).tiny))[judged].max())
+    if power >= POWER:
+        return "ok", ""
+    return "weak", (
+        f"weak: the tolerance is not small next to the gradient (largest |numerical| / tol = {power:.2g}, "
+        f"below {POWER:g}): only a backward more than {1 / max(power, 1e-300):.0%} wrong could fail here"
     )
 
 

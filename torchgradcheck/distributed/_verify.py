@@ -28,13 +28,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .._batch import input_targets
+from .._batch import Objective, input_targets
 from .._check import check_module_call, prepare
 from .._errors import InvalidArgumentError
 from .._measure import Settings
 from .._noise import NOISE_POINTS
-from .._options import check_options, reject_unknown, validate_patterns
-from .._params import Target, lend_model
+from .._options import CheckOptions, check_options, reject_unknown, validate_patterns
+from .._params import Lent, Target, lend_model
 from .._progress import progress_bar
 from .._report import Report, TensorResult
 from .._state import preserved_global_state
@@ -145,12 +145,24 @@ def verify_distributed(
         engine=engine,
         progress=progress,
     )
+    patterns = validate_patterns("verify_distributed", params)
+    is_ddp = _validate_layout(model, options, placement, split)
+    checked, skipped, objective = prepare(CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
+    with preserved_global_state(), lend_model(model, dtype) as lent:
+        report = _run(lent, objective, checked, inputs, options, placement, split, is_ddp, group, start)
+    table = dict(model.named_parameters(remove_duplicate=False))
+    skipped_rows = [TensorResult(name=n, shape=tuple(table[n].shape), status="skipped", note=why) for n, why in skipped]
+    return dataclasses.replace(report, results=report.results + tuple(skipped_rows))
+
+
+def _validate_layout(model: nn.Module, options: CheckOptions, placement: Any, split: bool) -> bool:
+    """The options only a distributed check has; returns whether `model` is a DistributedDataParallel."""
     if options.mode not in ("auto", "full"):
         raise InvalidArgumentError(
-            f"verify_distributed: mode={mode!r} is not supported yet: every element is checked (the "
+            f"verify_distributed: mode={options.mode!r} is not supported yet: every element is checked (the "
             "ranks would have to agree on one plan); use mode='auto' or mode='full'."
         )
-    patterns = validate_patterns("verify_distributed", params)
+    dtype = options.dtype
     # Only a model built after DDP was imported can be one (the import is slow: don't make it ourselves).
     ddp = sys.modules.get("torch.nn.parallel.distributed")
     is_ddp = ddp is not None and isinstance(model, ddp.DistributedDataParallel)
@@ -166,43 +178,54 @@ def verify_distributed(
             "gradient buckets keep the dtype the model had when it was wrapped, so its all-reduce would not see the "
             f"{dtype} gradients. Convert the model before wrapping it (DDP(model.double())), or pass dtype=None."
         )
-    if not split and engine == "vmap":
+    if not split and options.engine == "vmap":
         raise InvalidArgumentError(
             f"{CALL}: engine='vmap' needs split=True: a distributed model runs every "
             "forward on every rank in lockstep, one at a time (use engine='auto')."
         )
-    checked, skipped, objective = prepare(CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
-    with preserved_global_state(), lend_model(model, dtype) as lent:
-        if dtype == torch.float64:
-            torch.set_default_dtype(torch.float64)
-        targets = [Target(name, p.data, kind="parameter", param=p) for name, p in checked]
-        if inputs:
-            targets += input_targets(objective.batch)
-        work_dtype = targets[0].tensor.dtype if targets else torch.float64
-        rank, size = rank_and_size(group)
-        resolved = options.resolve(work_dtype, work_device(targets), ranks=size, split=split)
-        settings = Settings(eps=float(resolved.eps or 0), rtol=float(resolved.rtol or 0), atol=resolved.atol)
-        notes: list[str] = []
-        total = sum(2 * t.tensor.numel() + NOISE_POINTS for t in targets) // (size if split else 1)
-        with progress_bar(total, progress if rank == 0 else False, "verify_distributed") as bar:
-            if split:
-                results, evaluations, overall, engine_used = run_split(
-                    lent, objective, targets, settings, seed, engine, group, notes, bar.update
-                )
-            else:
-                results, evaluations, overall = run_lockstep(
-                    lent, objective, targets, placement, is_ddp, settings, seed, group, notes, bar.update
-                )
-                engine_used = "lockstep loop"
-        seconds = float(reduced(torch.tensor([time.perf_counter() - start]), dist.ReduceOp.MAX, group)[0])
-    table = dict(model.named_parameters(remove_duplicate=False))
-    results += [TensorResult(name=n, shape=tuple(table[n].shape), status="skipped", note=why) for n, why in skipped]
-    options = dataclasses.replace(resolved, mode="full")
+    return is_ddp
+
+
+def _run(
+    lent: Lent,
+    objective: Objective,
+    checked: list[tuple[str, nn.Parameter]],
+    inputs: bool,
+    options: CheckOptions,
+    placement: Any,
+    split: bool,
+    is_ddp: bool,
+    group: Any,
+    start: float,
+) -> Report:
+    """The check itself, on a lent model: split or lockstep; the Report without the skipped rows."""
+    if options.dtype == torch.float64:
+        torch.set_default_dtype(torch.float64)
+    targets = [Target(name, p.data, kind="parameter", param=p) for name, p in checked]
+    if inputs:
+        targets += input_targets(objective.batch)
+    work_dtype = targets[0].tensor.dtype if targets else torch.float64
+    rank, size = rank_and_size(group)
+    resolved = options.resolve(work_dtype, work_device(targets), ranks=size, split=split)
+    settings = Settings(eps=float(resolved.eps or 0), rtol=float(resolved.rtol or 0), atol=resolved.atol)
+    seed, notes = options.seed, []
+    total = sum(2 * t.tensor.numel() + NOISE_POINTS for t in targets) // (size if split else 1)
+    with progress_bar(total, options.progress if rank == 0 else False, "verify_distributed") as bar:
+        if split:
+            results, evaluations, overall, engine_used = run_split(
+                lent, objective, targets, settings, seed, options.engine, group, notes, bar.update
+            )
+        else:
+            results, evaluations, overall = run_lockstep(
+                lent, objective, targets, placement, is_ddp, settings, seed, group, notes, bar.update
+            )
+            engine_used = "lockstep loop"
+    seconds = float(reduced(torch.tensor([time.perf_counter() - start]), dist.ReduceOp.MAX, group)[0])
     return Report(
         call="verify_distributed",
         results=tuple(results),
         relative_error=overall,
-        options=options,
+        options=dataclasses.replace(resolved, mode="full"),
         evaluations=evaluations,
         seconds=seconds,
         engine=engine_used,

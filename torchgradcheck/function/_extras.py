@@ -25,7 +25,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 
-from .._compare import first_tolerance, judge_second_look
+from .._compare import Judgement, first_tolerance, judge_second_look, refine_failures
 from .._measure import Settings, TensorCheck, summarise
 from .._noise import NOISE_POINTS, noise_per_column, unit_roundoff
 from .._params import Target
@@ -262,29 +262,44 @@ def judge_directional(ex: Extras, problem: Directional) -> list[TensorResult]:
         span = torch.full_like(a, 2 * h)
         numerical = (steps[1][key] - steps[-1][key]) / span
         tol = first_tolerance(numerical, span, sigma, ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
-        bad = ~((a - numerical).abs() <= tol)
-        kink = torch.zeros_like(bad)
-        if bool(bad.any()):
-            w = bad.nonzero().flatten()
-            pts = [steps[-2][key][w], steps[-1][key][w], center[key][w], steps[1][key][w], steps[2][key][w]]
-            wide = (pts[4] - pts[0]) / (4 * h)
-            j = judge_second_look(
-                a[w],
-                numerical[w],
-                span[w] / 2,
-                span[w],
-                torch.stack(pts, 1),
-                wide,
-                sigma[w],
-                ex.settings.rtol,
-                ex.settings.atol,
-            )  # type: ignore[arg-type]
-            numerical, tol = numerical.clone(), tol.clone()
-            numerical[w], tol[w], kink[w] = j.numerical, j.tolerance, j.kink
+
+        look = _second_look(steps, center, key, a, numerical, span, sigma, h, ex.settings)
+        judged = refine_failures(a, numerical, tol, look)
+        numerical, tol, kink = judged.numerical, judged.tolerance, judged.kink
         check = TensorCheck(analytical=a, numerical=numerical, tolerance=tol, kink=kink, sigma=float(sigma.max()))
         target = Target(problem.names[key], center[key].view(problem.shapes[key]), kind=problem.kind)
         rows.append(summarise(target, check, problem.has_grad[key]))
     return rows
+
+
+def _second_look(
+    steps: dict[int, dict[Any, torch.Tensor]],
+    center: dict[Any, torch.Tensor],
+    key: Any,
+    a: torch.Tensor,
+    numerical: torch.Tensor,
+    span: torch.Tensor,
+    sigma: torch.Tensor,
+    h: float,
+    settings: Settings,
+) -> Callable[[torch.Tensor], Judgement]:
+    """The second look of `judge_directional` at rows `w`: the points at ``t = +-2h`` are already evaluated."""
+
+    def look(w: torch.Tensor) -> Judgement:
+        pts = [steps[-2][key][w], steps[-1][key][w], center[key][w], steps[1][key][w], steps[2][key][w]]
+        return judge_second_look(
+            a[w],
+            numerical[w],
+            span[w] / 2,
+            span[w],
+            torch.stack(pts, 1),
+            (pts[4] - pts[0]) / (4 * h),
+            sigma[w],
+            settings.rtol,
+            settings.atol,
+        )
+
+    return look
 
 
 def check_forward_mode(ex: Extras) -> list[TensorResult]:

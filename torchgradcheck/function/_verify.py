@@ -30,6 +30,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from .._batch import Objective
@@ -74,6 +75,7 @@ OPTIONS = (
     "progress",
 )
 DTYPE = torch.float64
+_EXPANDED = "its elements were checked as independent values of a contiguous copy"
 _STREAM = 0x5DEECE66D  # offsets the seed of the random cotangents (see _run)
 
 
@@ -88,14 +90,8 @@ class _Slot:
 
 
 def _fill(tree: Any, values: dict[str, torch.Tensor]) -> Any:
-    if isinstance(tree, _Slot):
-        return values[tree.key]
-    if isinstance(tree, dict):
-        return {k: _fill(v, values) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_fill(v, values) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return tree
+    """`tree` with every `_Slot` replaced by its value."""
+    return pytree.tree_map(lambda leaf: values[leaf.key] if isinstance(leaf, _Slot) else leaf, tree)
 
 
 class _Call(nn.Module):
@@ -189,23 +185,22 @@ def _reject_typos(fn: Callable[..., Any], kwargs: dict) -> None:
 
 def _convert(tree: Any, name: str, slots: list[_Slot]) -> Any:
     """Checked tensors become `_Slot`s; other floating tensors float64 copies; anything else unchanged."""
-    if isinstance(tree, torch.Tensor):
-        if tree.requires_grad and tree.is_complex():
-            raise InvalidArgumentError(f"{_CALL}: {name} is complex; complex inputs are not supported yet.")
-        if tree.requires_grad and tree.is_floating_point():
-            if not bool(torch.isfinite(tree.detach()).all()):
-                raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
-            expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
-            slots.append(_Slot(f"in{len(slots)}", name, tree, expanded))
-            return slots[-1]
-        if tree.is_floating_point():
-            return tree.detach().to(DTYPE, copy=True)
+    return pytree.tree_map_with_path(lambda key, leaf: _convert_leaf(leaf, name + pytree.keystr(key), slots), tree)
+
+
+def _convert_leaf(tree: Any, name: str, slots: list[_Slot]) -> Any:
+    if not isinstance(tree, torch.Tensor):
         return tree
-    if isinstance(tree, dict):
-        return {k: _convert(v, f"{name}[{k!r}]", slots) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_convert(v, f"{name}[{i}]", slots) for i, v in enumerate(tree)]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    if tree.requires_grad and tree.is_complex():
+        raise InvalidArgumentError(f"{_CALL}: {name} is complex; complex inputs are not supported yet.")
+    if tree.requires_grad and tree.is_floating_point():
+        if not bool(torch.isfinite(tree.detach()).all()):
+            raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
+        expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
+        slots.append(_Slot(f"in{len(slots)}", name, tree, expanded))
+        return slots[-1]
+    if tree.is_floating_point():
+        return tree.detach().to(DTYPE, copy=True)
     return tree
 
 
@@ -222,6 +217,20 @@ def _validate(fn: Any, args: tuple, kwargs: dict, options: dict[str, Any]) -> No
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise InvalidArgumentError(f"{_CALL}: nondet_tol={tol!r} must be a number >= 0.")
     _reject_typos(fn, kwargs)
+
+
+def _supported(shared: CheckOptions) -> None:
+    """The shared options verify_function cannot honour yet are refused by name (never ignored)."""
+    if shared.dtype != DTYPE:
+        raise InvalidArgumentError(
+            f"verify_function: dtype={shared.dtype!r} is not supported yet: functions are checked in float64; "
+            "leave dtype at its default."
+        )
+    if shared.mode not in ("auto", "full"):
+        raise InvalidArgumentError(
+            f"verify_function: mode={shared.mode!r} is not supported yet: every input element is checked; "
+            "use mode='auto' or mode='full'."
+        )
 
 
 def verify_function(
@@ -320,16 +329,7 @@ def verify_function(
         engine=engine,
         progress=progress,
     )
-    if shared.dtype != DTYPE:
-        raise InvalidArgumentError(
-            f"verify_function: dtype={dtype!r} is not supported yet: functions are checked in float64; "
-            "leave dtype at its default."
-        )
-    if shared.mode not in ("auto", "full"):
-        raise InvalidArgumentError(
-            f"verify_function: mode={mode!r} is not supported yet: every input element is checked; "
-            "use mode='auto' or mode='full'."
-        )
+    _supported(shared)
     options = {
         "nondet_tol": nondet_tol,
         "second_order": second_order,
@@ -492,17 +492,8 @@ def _run(call: _Call, lent: Lent, shared: CheckOptions, options: dict[str, Any],
             raise
         return _raised_report(call, found, exc, start)
     torch.set_grad_enabled(False)
-    notes = [
-        f"{s.name} is an expanded tensor (overlapping memory): its elements were checked as independent "
-        "values of a contiguous copy"
-        for s in call.slots
-        if s.expanded
-    ]
-    results: list[TensorResult] = []
-    pairs: list[tuple[int, str]] = []
+    notes = [f"{s.name} is an expanded tensor (overlapping memory): {_EXPANDED}" for s in call.slots if s.expanded]
     checks: dict[tuple[int, str], Any] = {}
-    evaluations = 0
-    engines = set()
     ex = Extras(
         call=call,
         cotangents=cotangents,
@@ -514,38 +505,10 @@ def _run(call: _Call, lent: Lent, shared: CheckOptions, options: dict[str, Any],
         several=several,
         notes=notes,
     )
+    engines: set[str] = set()
     total = sum(len(cotangents) * (2 * s.original.numel() + NOISE_POINTS) for s in call.slots)
     with progress_bar(total, shared.progress, "verify_function") as bar:
-        tick = bar.update
-        for k, v in cotangents.items():
-            objective = Objective(None, None, _objective(k, v))
-            loop = LoopEngine(lent, objective, seed, tick)
-            _, nondet = loop.loss_twice()
-            if nondet > 0:
-                notes.append(
-                    f"the forward of {ex.output(k)} is nondeterministic: two identical evaluations "
-                    f"differ by {nondet:.2e}; tolerances widened by this noise"
-                )
-            for s in call.slots:
-                param = getattr(call, s.key)
-                target = Target(s.key, param.data, kind="parameter", param=param)
-                switch: EngineSwitch = choose_engine(_CALL, loop, target, losses[k], nondet, shared.engine, notes)
-                a = grads[k][s.key]
-                flat = torch.zeros(param.numel(), dtype=DTYPE, device=param.device) if a is None else a
-                check = switch.run(
-                    s.name,
-                    lambda e, target=target, flat=flat, k=k, nondet=nondet: measure(
-                        e, target, flat, losses[k], nondet, settings, generator
-                    ),
-                )
-                checks[(k, s.key)] = check
-                if switch.engine is not loop:
-                    evaluations += switch.engine.evaluations
-                engines.add(switch.name)
-                res = summarise(target, check, a is not None)
-                results.append(dataclasses.replace(res, name=ex.pair(k, s.name), kind="input"))
-                pairs.append((k, s.key))
-            evaluations += loop.evaluations
+        results, pairs, evaluations = _first_order(ex, lent, losses, shared, bar.update, engines)
     results = _bad_returns(found, results, pairs, call.slots)
     results += _extra_checks(ex, options, all(r.passed for r in results))
     results += determinism_results(ex, options["nondet_tol"])
@@ -561,3 +524,47 @@ def _run(call: _Call, lent: Lent, shared: CheckOptions, options: dict[str, Any],
         engine="vmap" if engines == {"vmap"} else "loop",
         notes=tuple(notes),
     )
+
+
+def _first_order(
+    ex: Extras, lent: Lent, losses: dict[int, torch.Tensor], shared: CheckOptions, tick: Any, engines: set[str]
+) -> tuple[list[TensorResult], list[tuple[int, str]], int]:
+    """Every (output, input) pair's vector-Jacobian product against central differences, in float64.
+
+    Fills ``ex.checks`` (the raw outcome, which the extra checks reuse) and `engines` (names used);
+    returns the rows, their (output, slot key) pairs and the evaluations spent.
+    """
+    call, settings, generator = ex.call, ex.settings, ex.generator
+    results: list[TensorResult] = []
+    pairs: list[tuple[int, str]] = []
+    evaluations = 0
+    for k, v in ex.cotangents.items():
+        objective = Objective(None, None, _objective(k, v))
+        loop = LoopEngine(lent, objective, ex.seed, tick)
+        _, nondet = loop.loss_twice()
+        if nondet > 0:
+            ex.notes.append(
+                f"the forward of {ex.output(k)} is nondeterministic: two identical evaluations "
+                f"differ by {nondet:.2e}; tolerances widened by this noise"
+            )
+        for s in call.slots:
+            param = getattr(call, s.key)
+            target = Target(s.key, param.data, kind="parameter", param=param)
+            switch: EngineSwitch = choose_engine(_CALL, loop, target, losses[k], nondet, shared.engine, ex.notes)
+            a = ex.grads[k][s.key]
+            flat = torch.zeros(param.numel(), dtype=DTYPE, device=param.device) if a is None else a
+            check = switch.run(
+                s.name,
+                lambda e, target=target, flat=flat, k=k, nondet=nondet: measure(
+                    e, target, flat, losses[k], nondet, settings, generator
+                ),
+            )
+            ex.checks[(k, s.key)] = check
+            if switch.engine is not loop:
+                evaluations += switch.engine.evaluations
+            engines.add(switch.name)
+            res = summarise(target, check, a is not None)
+            results.append(dataclasses.replace(res, name=ex.pair(k, s.name), kind="input"))
+            pairs.append((k, s.key))
+        evaluations += loop.evaluations
+    return results, pairs, evaluations

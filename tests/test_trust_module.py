@@ -584,3 +584,19 @@ def test_richardson_still_used_where_convergence_is_quadratic():
     err, tol, _ = _judge(lambda x: np.sin(300 * x), 0.1, 300 * np.cos(30.0))
     assert err <= tol
     assert tol < 1e-5 * 300 * abs(np.cos(30.0))
+
+
+def test_power_numbers_quoted_in_the_readme():
+    """README "Power": float64 reaches ~1e-6 (the rtol floor), a 1e6 offset ~1e-3, Python noise of 1e-4 > 100 %."""
+    from corpus import correct_mlp, offset_loss
+    from realworld_corpus import python_random_noise
+
+    def smallest_error_seen(model, loss_fn, batch):
+        report = verify_module(model, loss_fn, batch, mode="full", localise=False)
+        return 1 / max(r.power for r in report.results if r.power is not None)
+
+    assert 9e-7 < smallest_error_seen(*correct_mlp()) < 2e-6
+    assert 1e-4 < smallest_error_seen(*offset_loss()) < 1e-2
+    random.seed(0)
+    c = python_random_noise()
+    assert smallest_error_seen(c.model, c.loss_fn, c.batch) > 5.0

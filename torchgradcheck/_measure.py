@@ -146,8 +146,9 @@ def summarise(
     rel = relative_error(a[judged], n[judged])
     quiet = bool((a.abs() <= tol).all()) and bool((n.abs() <= tol).all())
     status, note = _status(has_grad, failed, extra_failure, judged.numel(), len(kink_index), quiet)
-    if status == "ok":
-        status, note = _power(n, tol, judged)
+    power = power_of(n, tol, judged)
+    if status == "ok" and power < POWER:
+        status, note = "weak", _weak_note(power)
     if target.skip_note:
         note = f"{note}; {target.skip_note}" if note else target.skip_note
     return TensorResult(
@@ -165,6 +166,7 @@ def summarise(
         note=note,
         coverage=coverage,
         norms=(float(a[judged].norm()), float(n[judged].norm())),
+        power=power if bool(judged.any()) else None,
         errors=_element_errors(err, tol, kink, check.index, target.tensor.numel()),
     )
 
@@ -185,12 +187,18 @@ def _status(has_grad: bool, failed: int, extra_failure: str, judged: int, kinks:
     return ("zero" if quiet else "ok"), ""
 
 
-def _power(n: torch.Tensor, tol: torch.Tensor, judged: torch.Tensor) -> tuple[str, str]:
-    """ "ok" if a backward wrong by 1/POWER would have failed in some element, else "weak" and why."""
-    power = float((n.abs() / tol.clamp(min=torch.finfo(torch.float64).tiny))[judged].max())
-    if power >= POWER:
-        return "ok", ""
-    return "weak", (
+def power_of(n: torch.Tensor, tol: torch.Tensor, judged: torch.Tensor) -> float:
+    """``max |numerical| / tol`` over the judged elements (0 if none).
+
+    A backward wrong by more than ``1 / power`` (uniformly) fails in at least one element.
+    """
+    if not bool(judged.any()):
+        return 0.0
+    return float((n.abs() / tol.clamp(min=torch.finfo(torch.float64).tiny))[judged].max())
+
+
+def _weak_note(power: float) -> str:
+    return (
         f"weak: the tolerance is not small next to the gradient (largest |numerical| / tol = {power:.2g}, "
         f"below {POWER:g}): only a backward more than {1 / max(power, 1e-300):.0%} wrong could fail here"
     )

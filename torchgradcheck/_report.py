@@ -91,6 +91,9 @@ class TensorResult:
     note: str = ""
     coverage: str = "full"  # "full", or what a cheap mode covered (e.g. "16 directions + 32 elements")
     norms: tuple[float, float] | None = None  # (||a||, ||n||) over the checked elements
+    # max |numerical| / tol over the checked elements: a backward wrong by more than 1/power (uniformly)
+    # fails in at least one of them; "ok" needs power >= 10 (else "weak"). None: nothing compared.
+    power: float | None = None
     # Every element's |a - n| and tolerance, for `Report.plot`; None for large tensors. Not in to_dict/str.
     errors: ElementErrors | None = field(default=None, repr=False, compare=False)
 

@@ -141,12 +141,15 @@ def power_warnings(results: Sequence[TensorResult]) -> list[str]:
         found = [r.name for r in results if r.status == status]
         return ", ".join(found[:_SHOWN]) + (f" and {len(found) - _SHOWN} more" if len(found) > _SHOWN else "")
 
-    out = []
+    out: list[str] = []
+    if not any(r.status == "ok" or not r.passed for r in results):
+        return out  # nothing had power: the report is not passed, and says why in full
     if names("zero"):
         out.append(
             f"nothing about the backward of {names('zero')} was tested: autograd and finite differences are "
-            "both zero there (e.g. a LoRA B initialised to zero makes A's gradient exactly zero); check again "
-            "after a few optimiser steps (after_steps=)."
+            "both zero there (within the noise). If that is only true at this point (a LoRA B initialised "
+            "to zero makes A's gradient exactly zero), check again after a few optimiser steps "
+            "(after_steps=); a bias followed by BatchNorm has a zero gradient always."
         )
     if names("weak"):
         out.append(

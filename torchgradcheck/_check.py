@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._accumulation import AccumulationVerdict, apply_accumulation, check_accumulation
 from ._batch import (
     BatchError,
     Objective,
@@ -28,6 +29,7 @@ from ._batch import (
     module_is_lazy,
     non_finite_paths,
 )
+from ._compare import DTYPE_DEFAULTS
 from ._engines import EngineSwitch, LoopEngine, choose_engine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._measure import Settings
@@ -38,6 +40,7 @@ from ._params import Lent, Target, dense_grad, select_parameters, unmatched_patt
 from ._report import TensorResult, element_name
 from ._state import reseed
 from ._validate import BadLeafError, bad_leaves, meta_tensors
+from ._zero_gradients import exactly_zero
 
 __all__ = [
     "Checked",
@@ -58,6 +61,8 @@ _INTEGER_ERROR = re.compile(r"Long|\bInt\b|Short|Char|Byte|int64|int32|integer")
 _INPLACE_ERROR = re.compile(
     r"modified by an inplace operation|a leaf Variable that requires grad is being used in an in-place"
 )
+# What torch.autograd.grad says when the loss that calls it runs under no_grad.
+_NEEDS_GRAD = re.compile(r"does not require grad|does not have a grad_fn|differentiated Tensors")
 Tick = Callable[[int], None]
 
 
@@ -89,14 +94,17 @@ def check_targets(
     *,
     call: str,
     grow: Tick = _noop,
+    accumulation: bool = False,
 ) -> Checked:
     """Check every target of a lent model in its planned mode; errors name `call`.
 
     `options` must be resolved (`CheckOptions.resolve`: eps and rtol set). `tick(n)` reports finished
     evaluations; `grow(n)` adds planned work to a progress bar (the plan is known only after the noise).
+    `accumulation`: also run one more backward and check that ``.grad`` accumulates (`_accumulation`).
     """
-    loss0, grads = analytical(lent, objective, targets, options.seed, call)
     notes: list[str] = []
+    second: dict[str, AccumulationVerdict] | None = {} if accumulation else None
+    loss0, grads = analytical(lent, objective, targets, options.seed, call, accumulation=second, notes=notes)
     jobs = []
     empty: dict[str, TensorResult] = {}
     padding = padding_rows(lent.model)
@@ -123,6 +131,8 @@ def check_targets(
         for job in jobs
     }
     results = [empty[t.name] if t.name in empty else checked[t.name] for t in targets]
+    if second:
+        results = [apply_accumulation(r, second.get(r.name)) for r in results]
     if nondet > 0 and not any(r.status == "ok" or not r.passed for r in results):
         notes.append(
             f"nondeterminism of {nondet:.2e} (beyond torch's RNG) swamps the gradients: nothing could be tested. "
@@ -137,8 +147,8 @@ EMPTY_NOTE = "empty tensor (0 elements): nothing to check"
 def power_warnings(results: Sequence[TensorResult]) -> list[str]:
     """Full sentences naming the tensors whose backward was not really tested (statuses zero and weak)."""
 
-    def names(status: str) -> str:
-        found = [r.name for r in results if r.status == status]
+    def names(status: str) -> str:  # exact zeros get `_zero_gradients.zero_gradient_warning` instead
+        found = [r.name for r in results if r.status == status and not exactly_zero(r)]
         return ", ".join(found[:_SHOWN]) + (f" and {len(found) - _SHOWN} more" if len(found) > _SHOWN else "")
 
     out: list[str] = []
@@ -210,17 +220,21 @@ def start_engines(
     different function. That is an error, not a verdict.
     """
     loop = LoopEngine(lent, objective, options.seed, tick)
-    loss_again, nondet = loop.loss_twice()
-    if loss0 is not None:
-        gap = abs(float(loss0) - float(loss_again))
-        slack = 1e4 * unit_roundoff(loss_again.dtype) * max(abs(float(loss0)), abs(float(loss_again))) + 10 * nondet
-        if not gap <= slack:
-            raise InvalidArgumentError(
-                f"{call}: the loss differs with and without autograd: {float(loss0)!r} with grad enabled (the "
-                f"backward pass) but {float(loss_again)!r} under torch.no_grad() (every finite-difference "
-                f"evaluation), a gap of {gap:.2e} where the noise allows {slack:.2e}. The forward must compute "
-                "the same function in both modes: does it branch on torch.is_grad_enabled() or requires_grad?"
-            )
+    try:
+        loss_again, nondet = loop.loss_twice()
+    except RuntimeError as exc:
+        # A loss that calls torch.autograd.grad (physics-informed, gradient penalties) can't run under
+        # no_grad ("element 0 of tensors does not require grad"): evaluate it with grad enabled.
+        if objective.needs_grad or not _NEEDS_GRAD.search(str(exc)):
+            raise
+        objective.needs_grad = True
+        notes.append(
+            "the loss differentiates inside (torch.autograd.grad) and fails under no_grad: every perturbed "
+            "loss was evaluated with grad enabled"
+        )
+        loss_again, nondet = loop.loss_twice()
+    if loss0 is not None and not objective.needs_grad:
+        same_with_and_without_grad(call, loss0, loss_again, nondet)
     if nondet > 0:
         notes.append(
             f"the forward is nondeterministic beyond torch's RNG: two identical evaluations differ by "
@@ -228,6 +242,19 @@ def start_engines(
         )
     first = targets[0] if targets else None
     return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes), nondet
+
+
+def same_with_and_without_grad(call: str, loss0: torch.Tensor, loss_again: torch.Tensor, nondet: float) -> None:
+    """Raise if the loss of the backward pass (grad enabled) and the no-grad loss differ beyond the noise."""
+    gap = abs(float(loss0) - float(loss_again))
+    slack = 1e4 * unit_roundoff(loss_again.dtype) * max(abs(float(loss0)), abs(float(loss_again))) + 10 * nondet
+    if not gap <= slack:
+        raise InvalidArgumentError(
+            f"{call}: the loss differs with and without autograd: {float(loss0)!r} with grad enabled (the "
+            f"backward pass) but {float(loss_again)!r} under torch.no_grad() (every finite-difference "
+            f"evaluation), a gap of {gap:.2e} where the noise allows {slack:.2e}. The forward must compute "
+            "the same function in both modes: does it branch on torch.is_grad_enabled() or requires_grad?"
+        )
 
 
 def overall_error(results: Sequence[TensorResult]) -> float:
@@ -310,11 +337,21 @@ def prepare(
 
 
 def analytical(
-    lent: Lent, objective: Objective, targets: list[Target], seed: int, call: str
+    lent: Lent,
+    objective: Objective,
+    targets: list[Target],
+    seed: int,
+    call: str,
+    *,
+    accumulation: dict[str, AccumulationVerdict] | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """One seeded forward and ``loss.backward()``: the loss and every target's ``.grad`` (flat float64).
 
     The errors name `call`; a kernel that rejects the checking dtype gets an error naming dtype=None.
+    With a dict `accumulation`, the graph is retained and one more backward fills it with the tensors
+    whose ``.grad`` does not accumulate (`_accumulation.check_accumulation`); a note goes to `notes`
+    if that second backward could not run.
     """
     for t in targets:
         if t.kind == "input":
@@ -329,7 +366,7 @@ def analytical(
                 f"{call}: the loss does not require grad: nothing connects it to the checked parameters "
                 "(computed under torch.no_grad(), or detached?)."
             )
-        loss.backward()
+        loss.backward(retain_graph=accumulation is not None)
     except BatchError as exc:
         message = str(exc)
         holding = non_finite_paths(objective.batch)
@@ -365,6 +402,11 @@ def analytical(
             "only run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
         ) from exc
     grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
+    if accumulation is not None and targets:
+        found, why = check_accumulation(loss, targets, grads, DTYPE_DEFAULTS[targets[0].tensor.dtype].rtol)
+        accumulation.update(found)
+        if why and notes is not None:
+            notes.append(why)
     lent.clear_grads()
     for t in targets:
         if t.kind == "input":

@@ -203,6 +203,12 @@ class Report:
                 counts[r.status] = counts.get(r.status, 0) + 1
             summary = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no tensors"
             return f"{self.call}: NOT PASSED, nothing was tested with power ({checked:,} elements compared; {summary})"
+        statuses = {r.status for r in self.failures}
+        if statuses <= {"does not accumulate", "backward not repeatable"}:  # the values agree; the sum does not
+            return (
+                f"{self.call}: FAILED, {' / '.join(sorted(statuses))} for {len(self.failures)} of {len(tensors)} "
+                f"tensors (relative error {_fmt(self.relative_error)})"
+            )
         return (
             f"{self.call}: FAILED, gradients disagree for {len(self.failures)} of {len(tensors)} tensors "
             f"(relative error {_fmt(self.relative_error)})"

@@ -26,6 +26,9 @@ Status = Literal[
     "wrong dtype",  # backward returned a gradient of the wrong dtype
     "wrong shape",  # ... of the wrong shape
     "wrong device",  # ... on the wrong device
+    "does not accumulate",  # .grad after two backward passes equals .grad after one (something assigns .grad)
+    "backward not repeatable",  # a second backward through the same graph adds a different gradient
+    "leaks",  # verify_batch_independence: this output sample depends on other input samples
 ]
 STATUSES: tuple[str, ...] = get_args(Status)
 # Statuses that pass; every other status fails the check.

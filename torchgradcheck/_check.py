@@ -336,6 +336,50 @@ def prepare(
     return checked, skipped, objective
 
 
+def _loss_message(exc: BatchError, objective: Objective) -> str:
+    """A bad loss; a non-finite one also names the batch tensors holding NaN/Inf and how to mask them."""
+    message = str(exc)
+    holding = non_finite_paths(objective.batch)
+    if "not finite" in message and holding:
+        message += (
+            f"; {', '.join(holding)} hold(s) NaN/Inf elements: mask them in the model or the loss "
+            "(torch.nan_to_num, torch.nansum, torch.where), or fix the batch"
+        )
+    return message
+
+
+def _model_error(call: str, lent: Lent, objective: Objective, exc: Exception) -> InvalidArgumentError | None:
+    """The error to raise instead of the model's own, with the right advice; None: let the model's through.
+
+    In-place errors and integer inputs get messages of their own; "pass dtype=None" only when a
+    kernel rejected float64, the dtype the check converted the model to.
+    """
+    text = str(exc)
+    first = f"{type(exc).__name__}: {text.splitlines()[0][:200] if text else ''}"
+    if _INPLACE_ERROR.search(text):
+        return InvalidArgumentError(
+            f"{call}: the model's backward failed because an in-place operation modified a tensor that "
+            f"autograd saved for it ({first}). This is a bug in the model (training fails the same way), "
+            "not a dtype problem: use the out-of-place op (x.mul(2), not x.mul_(2)) or clone before it; "
+            "torch.autograd.set_detect_anomaly(True) shows which op."
+        )
+    integers = integer_paths(objective.batch)
+    if integers and _INTEGER_ERROR.search(text):
+        return InvalidArgumentError(
+            f"{call}: the model failed on the integer tensor(s) {', '.join(integers)} ({first}). Integer "
+            "tensors are passed as they are (they may be indices, as for nn.Embedding); if the model "
+            "expects floating point, convert them yourself (x.float()) before the check."
+        )
+    own = {s.data.dtype for s in lent.saved_params if s.data.is_floating_point()}
+    if lent.dtype is None or own <= {lent.dtype} or not _DTYPE_ERROR.search(text):
+        return None
+    return InvalidArgumentError(
+        f"{call}: the model failed when run in {lent.dtype} ({first}); its own dtype is "
+        f"{sorted(map(str, own))}. If its kernels only run in that dtype, pass dtype=None (tolerances then "
+        "follow the measured noise of that dtype)."
+    )
+
+
 def analytical(
     lent: Lent,
     objective: Objective,
@@ -368,39 +412,12 @@ def analytical(
             )
         loss.backward(retain_graph=accumulation is not None)
     except BatchError as exc:
-        message = str(exc)
-        holding = non_finite_paths(objective.batch)
-        if "not finite" in message and holding:
-            message += (
-                f"; {', '.join(holding)} hold(s) NaN/Inf elements: mask them in the model or the loss "
-                "(torch.nan_to_num, torch.nansum, torch.where), or fix the batch"
-            )
-        raise InvalidArgumentError(f"{call}: {message}.") from None
+        raise InvalidArgumentError(f"{call}: {_loss_message(exc, objective)}.") from None
     except (RuntimeError, TypeError, NotImplementedError) as exc:
-        text = str(exc)
-        first = text.splitlines()[0][:200] if text else type(exc).__name__
-        if _INPLACE_ERROR.search(text):
-            raise InvalidArgumentError(
-                f"{call}: the model's backward failed because an in-place operation modified a tensor that "
-                f"autograd saved for it ({type(exc).__name__}: {first}). This is a bug in the model (training "
-                "fails the same way), not a dtype problem: use the out-of-place op (x.mul(2), not x.mul_(2)) or "
-                "clone before it; torch.autograd.set_detect_anomaly(True) shows which op."
-            ) from exc
-        integers = integer_paths(objective.batch)
-        if integers and _INTEGER_ERROR.search(text):
-            raise InvalidArgumentError(
-                f"{call}: the model failed on the integer tensor(s) {', '.join(integers)} ({type(exc).__name__}: "
-                f"{first}). Integer tensors are passed as they are (they may be indices, as for nn.Embedding); "
-                "if the model expects floating point, convert them yourself (x.float()) before the check."
-            ) from exc
-        own = {s.data.dtype for s in lent.saved_params if s.data.is_floating_point()}
-        if lent.dtype is None or own <= {lent.dtype} or not _DTYPE_ERROR.search(text):
+        better = _model_error(call, lent, objective, exc)
+        if better is None:
             raise  # the model's own error (a shape bug, ...), not our conversion: let it through untouched
-        raise InvalidArgumentError(
-            f"{call}: the model failed when run in {lent.dtype} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0][:200]}); its own dtype is {sorted(map(str, own))}. If its kernels "
-            "only run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
-        ) from exc
+        raise better from exc
     grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
     if accumulation is not None and targets:
         found, why = check_accumulation(loss, targets, grads, DTYPE_DEFAULTS[targets[0].tensor.dtype].rtol)

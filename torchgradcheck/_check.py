@@ -30,6 +30,7 @@ from ._batch import (
     non_finite_paths,
 )
 from ._compare import DTYPE_DEFAULTS
+from ._dtensor import is_dtensor, local_grad
 from ._engines import EngineSwitch, LoopEngine, choose_engine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._measure import Settings
@@ -190,7 +191,8 @@ def mark_skipped_elements(target: Target, grad: torch.Tensor | None, padding: di
         shown = ", ".join(element_name(target.name, tuple(i)) for i in where[:_SHOWN])
         more = f" and {len(where) - _SHOWN} more" if len(where) > _SHOWN else ""
         notes.append(f"{len(where)} element(s) not finite (NaN/Inf), not perturbed nor judged: {shown}{more}")
-    row = padding.get(id(target.param)) if target.param is not None else None
+    # (a DTensor's local block has other row numbers: its padding row is judged like any other)
+    row = padding.get(id(target.param)) if target.param is not None and not is_dtensor(target.param) else None
     if row is not None and grad is not None and target.tensor.dim() == 2:
         row = row % target.tensor.shape[0]
         if bool((grad.view(target.tensor.shape)[row] == 0).all()):
@@ -418,7 +420,7 @@ def analytical(
         if better is None:
             raise  # the model's own error (a shape bug, ...), not our conversion: let it through untouched
         raise better from exc
-    grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
+    grads = {t.name: _grad(t) for t in targets}
     if accumulation is not None and targets:
         found, why = check_accumulation(loss, targets, grads, DTYPE_DEFAULTS[targets[0].tensor.dtype].rtol)
         accumulation.update(found)
@@ -431,3 +433,9 @@ def analytical(
             t.tensor.grad = None
     torch.set_grad_enabled(False)
     return loss.detach().to(torch.float64), grads
+
+
+def _grad(t: Target) -> torch.Tensor | None:
+    """`t`'s ``.grad`` as a flat float64 copy; of a DTensor, this rank's block, which the check perturbs."""
+    grad = t.param.grad if t.param is not None else None
+    return local_grad(t.param, grad) if is_dtensor(t.param) else dense_grad(grad)

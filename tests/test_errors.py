@@ -303,7 +303,7 @@ def test_verify_module_rejects_bad_engine():
     _raises(
         model,
         InvalidArgumentError,
-        r"unknown engine='fast'; valid options are \['auto', 'vmap', 'loop'\]",
+        r"unknown engine='fast'; valid options are \['auto', 'vmap', 'loop', 'cone'\]",
         loss_fn,
         batch,
         engine="fast",

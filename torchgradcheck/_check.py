@@ -30,6 +30,7 @@ from ._batch import (
     non_finite_paths,
 )
 from ._compare import DTYPE_DEFAULTS
+from ._cone import cone_agrees
 from ._dtensor import is_dtensor, local_grad
 from ._engines import EngineSwitch, LoopEngine, choose_engine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
@@ -124,7 +125,9 @@ def check_targets(
     for job in jobs:
         engines.run(job.target.name, lambda e, job=job: measure_noise(e, job, loss0, nondet, generator))
     plan(jobs, options.mode, options.budget)
-    grow(sum(job.cost("auto" if job.mode == "cheap" else job.mode) for job in jobs))
+    planned = sum(job.cost("auto" if job.mode == "cheap" else job.mode) for job in jobs)
+    engines.upgrade(planned)
+    grow(planned)
     checked = {
         job.target.name: engines.run(
             job.target.name, lambda e, job=job: check_tensor(e, job, loss0, nondet, settings, generator)
@@ -243,7 +246,7 @@ def start_engines(
             f"{nondet:.2e}; tolerances widened by this noise"
         )
     first = targets[0] if targets else None
-    return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes), nondet
+    return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes, cone=cone_agrees), nondet
 
 
 def same_with_and_without_grad(call: str, loss0: torch.Tensor, loss_again: torch.Tensor, nondet: float) -> None:

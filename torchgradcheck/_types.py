@@ -37,5 +37,5 @@ PASSING: tuple[str, ...] = ("ok", "zero", "unused", "skipped", "inconclusive", "
 Mode = Literal["auto", "full", "directional", "sampled"]
 MODES: tuple[str, ...] = get_args(Mode)
 
-EngineName = Literal["auto", "vmap", "loop"]
+EngineName = Literal["auto", "vmap", "loop", "cone"]
 ENGINES: tuple[str, ...] = get_args(EngineName)

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._batch import Objective, input_targets
-from ._check import Checked, check_module_call, check_targets, prepare
+from ._check import Checked, check_module_call, check_targets, power_warnings, prepare
 from ._compiled import Compiled, eager_calls, no_donated_buffers, split_compiled
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._hessian import check_second_order
@@ -317,5 +317,5 @@ def _run(
         seconds=time.perf_counter() - start,
         engine=found.engine,
         notes=tuple(notes),
-        warnings=(warning,) if warning else (),
+        warnings=((warning,) if warning else ()) + tuple(power_warnings(found.results)),
     )

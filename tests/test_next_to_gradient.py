@@ -349,3 +349,22 @@ def test_cli_after_steps_and_second_order(tmp_path, capsys):
     assert "2 SGD step(s)" in out
     assert main(["check", f"{path}:lin", "--no-accumulation", "--json"]) == 0
     assert '"accumulation": "off"' in capsys.readouterr().out
+
+
+def test_accumulation_backward_that_cannot_run_twice_is_a_note():
+    class Frees(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.x = x
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            x = ctx.x
+            del ctx.x  # frees what it kept: a second backward through this graph raises AttributeError
+            return 2 * x * g
+
+    model = nn.Sequential(nn.Linear(3, 2), Act(Frees))
+    report = verify_module(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)), mode="full")
+    assert report.passed, report
+    assert any("gradient accumulation not checked" in n for n in report.notes)

@@ -19,9 +19,11 @@ A custom Function whose backward detaches its input (first order right) gives a 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
+from torch.utils import _pytree as pytree
 
 from ._batch import Objective, check_loss
 from ._compare import NOISE_SIGMAS, relative_error
@@ -30,7 +32,7 @@ from ._params import Lent, Target
 from ._report import ElementResult, ParameterResult
 from ._state import reseed
 
-__all__ = ["DIRECTIONS", "check_second_order"]
+__all__ = ["DIRECTIONS", "check_input_second_order", "check_second_order"]
 
 DIRECTIONS = 4
 _NOISE_POINTS = 9
@@ -39,20 +41,18 @@ INCONCLUSIVE_SHARE = 0.5  # more of a tensor's elements at kinks: no verdict for
 
 
 class _Grads:
-    """Gradients of the loss w.r.t. the checked parameters at the lent model's current point."""
+    """Gradients of a scalar function w.r.t. the target tensors (leaves), at their current values."""
 
-    def __init__(self, lent: Lent, objective: Objective, targets: Sequence[Target], seed: int) -> None:
-        self.lent, self.objective, self.targets, self.seed = lent, objective, list(targets), seed
+    def __init__(self, function: Callable[[], torch.Tensor], targets: Sequence[Target]) -> None:
+        self.function, self.targets = function, list(targets)
         self.params = [t.param for t in self.targets]
         self.sizes = [t.tensor.numel() for t in self.targets]
         self.bases = [t.tensor.detach().clone() for t in self.targets]
         self.evaluations = 0
 
     def _loss(self) -> torch.Tensor:
-        self.lent.reset_buffers()
-        reseed(self.seed)
         self.evaluations += 1
-        return check_loss(self.objective(self.lent.model))
+        return self.function()
 
     def _flat(self, grads: Sequence[torch.Tensor | None]) -> torch.Tensor:
         return torch.cat(
@@ -133,7 +133,21 @@ def check_second_order(
     targets = [t for t in targets if t.kind == "parameter" and t.param is not None and t.tensor.numel() > 0]
     if not targets:
         return [], 0
-    grads = _Grads(lent, objective, targets, seed)
+
+    def loss() -> torch.Tensor:
+        lent.reset_buffers()
+        reseed(seed)
+        return check_loss(objective(lent.model))
+
+    try:
+        return _hvp_rows(_Grads(loss, targets), seed, (eps, rtol, atol), directions)
+    finally:
+        lent.clear_grads()
+
+
+def _hvp_rows(grads: _Grads, seed: int, opts: tuple, directions: int) -> tuple[list[ParameterResult], int]:
+    """One row per target of `grads`: its block of ``H v`` over `directions` random directions."""
+    targets = grads.targets
     generator = torch.Generator().manual_seed(seed + 2)
     try:
         g0 = grads.gradient()
@@ -146,12 +160,11 @@ def check_second_order(
             except (RuntimeError, NotImplementedError) as exc:
                 grads.move(None)
                 return _unavailable(targets, exc), grads.evaluations
-            n, tol, kink = _difference(grads, v, hv, g0, sigma, (eps, rtol, atol))
+            n, tol, kink = _difference(grads, v, hv, g0, sigma, opts)
             for k, part in enumerate(zip(*(x.split(grads.sizes) for x in (hv, n, tol, kink)))):
                 rows[k].append(part)
     finally:
         grads.move(None)
-        lent.clear_grads()
     return [_result(t, parts, directions) for t, parts in zip(targets, rows)], grads.evaluations
 
 
@@ -248,3 +261,68 @@ def _result(target: Target, parts: list[tuple[torch.Tensor, ...]], directions: i
         coverage=f"{directions} directions",
         norms=(float(a[judged].norm()), float(n[judged].norm())),
     )
+
+
+def check_input_second_order(
+    lent: Lent, objective: Objective, seed: int, eps: float, rtol: float, atol: float, directions: int = DIRECTIONS
+) -> tuple[list[ParameterResult], int]:
+    """For a loss that differentiates inside: the model's own second derivatives w.r.t. its input.
+
+    A physics-informed loss takes ``du/dx`` (and ``d2u/dx2``) of the model inside; a wrong double
+    backward of the model makes the loss itself wrong, consistently for autograd and finite
+    differences, so the first-order check of the loss can't always see it. Here the model's first
+    call is replayed alone, as ``f(x) = <model(x), r>`` (``r`` fixed, random), and ``H v`` of ``f``
+    w.r.t. ``x`` is checked like the parameters' (rows "model input[k] (Hv)").
+    """
+    call = _first_call(lent, objective, seed)
+    if call is None:
+        return [], 0
+    leaves, spec = call
+    slots = [i for i, x in enumerate(leaves) if isinstance(x, torch.Tensor) and x.is_floating_point() and x.numel()]
+    if not slots:
+        return [], 0
+    for i in slots:
+        leaves[i] = leaves[i].detach().clone().requires_grad_(True)
+    args, kwargs = pytree.tree_unflatten(leaves, spec)
+    weights: list[torch.Tensor] = []
+
+    def f() -> torch.Tensor:
+        lent.reset_buffers()
+        reseed(seed)
+        outs = [t for t in pytree.tree_leaves(lent.model(*args, **kwargs)) if _floating(t)]
+        if not weights:
+            generator = torch.Generator().manual_seed(seed + 3)
+            weights.extend(torch.randn(t.shape, generator=generator, dtype=torch.float64).to(t.device) for t in outs)
+        return sum(
+            ((t.to(torch.float64) * w).sum() for t, w in zip(outs, weights)), torch.zeros((), dtype=torch.float64)
+        )
+
+    targets = [Target(f"model input[{k}]", leaves[i], kind="input", param=leaves[i]) for k, i in enumerate(slots)]
+    try:
+        return _hvp_rows(_Grads(f, targets), seed, (eps, rtol, atol), directions)
+    finally:
+        lent.clear_grads()
+
+
+def _floating(t: Any) -> bool:
+    return isinstance(t, torch.Tensor) and t.is_floating_point()
+
+
+def _first_call(lent: Lent, objective: Objective, seed: int) -> tuple[list[Any], Any] | None:
+    """The flat (args, kwargs) of the model's first call inside the objective (detached copies), or None."""
+    seen: list[tuple[list[Any], Any]] = []
+
+    def pre(module: Any, args: tuple, kwargs: dict) -> None:
+        if not seen:
+            leaves, spec = pytree.tree_flatten((args, kwargs))
+            seen.append(([x.detach().clone() if isinstance(x, torch.Tensor) else x for x in leaves], spec))
+
+    handle = lent.model.register_forward_pre_hook(pre, with_kwargs=True, prepend=True)
+    try:
+        lent.reset_buffers()
+        reseed(seed)
+        with torch.enable_grad():
+            objective(lent.model)
+    finally:
+        handle.remove()
+    return seen[0] if seen else None

@@ -162,6 +162,8 @@ def _validate(model: Any, batch: Any, batch_dim: Any, forward: Any, samples: Any
         raise InvalidArgumentTypeError(
             f"{_CALL}: expected a torch.nn.Module but got model={model!r} (type={type(model).__name__})."
         )
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
     if forward is not None and not callable(forward):
         raise InvalidArgumentTypeError(
             f"{_CALL}: forward= must be a callable (model, batch) -> output, got {forward!r}."
@@ -331,20 +333,8 @@ def verify_batch_independence(
     start = time.perf_counter()
     reject_unknown("verify_batch_independence", unknown, _OPTIONS)
     _validate(model, batch, batch_dim, forward, samples)
-    check_options(
-        "verify_batch_independence",
-        dtype=dtype,
-        mode=mode,
-        budget=budget,
-        seed=seed,
-        eps=eps,
-        rtol=rtol,
-        atol=atol,
-        engine=engine,
-        progress=progress,
-    )
-    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
+    shared = {"dtype": dtype, "mode": mode, "budget": budget, "seed": seed, "eps": eps, "rtol": rtol}
+    check_options("verify_batch_independence", **shared, atol=atol, engine=engine, progress=progress)
     converted = _convert(batch, dtype)
     with preserved_global_state(), lend_model(model, dtype) as lent:
         if dtype == torch.float64:

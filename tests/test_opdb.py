@@ -1,0 +1,83 @@
+"""PyTorch's own operators (`op_db`), run the way PyTorch's gradient tests run them.
+
+A fast subset (`opdb_corpus.FAST`, a few dozen ops of every family) runs here: every real op
+passes, its correct once-differentiable wrapper passes, every non-vacuous planted mutant fails,
+nothing crashes. The full sweep (all ~540 OpInfos) is ``benchmarks/opdb_sweep.py``; its numbers
+are in the note of issue 9 and ``benchmarks/README.md``. ``-m slow`` runs it here too.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("expecttest")
+
+import opdb_corpus as oc
+
+from torchgradcheck._function import verify_function
+
+_OPS = {oc.op_id(op): op for op in oc.load_ops()}
+
+
+@pytest.fixture(autouse=True)
+def _pytorch_test_harness():
+    """Backend flags frozen, as ``common_utils`` leaves them in PyTorch's own test processes."""
+    with oc.frozen_flags():
+        yield
+
+
+def _first_case(name):
+    for sample in oc.samples(_OPS[name], 4):
+        fn, args = oc.case(_OPS[name], sample)
+        if args:
+            return fn, args
+    pytest.skip(f"{name}: no sample with an input that requires grad")
+
+
+@pytest.mark.parametrize("name", [n for n in oc.FAST if n in _OPS])
+def test_opdb_real_op_passes(name):
+    fn, args = _first_case(name)
+    report = verify_function(fn, *args)
+    assert report.passed, report
+
+
+@pytest.mark.parametrize("name", [n for n in oc.FAST if n in _OPS])
+def test_opdb_once_differentiable_wrapper_passes(name):
+    fn, args = _first_case(name)
+    report = verify_function(oc.wrapped(fn, len(args), oc.Mutant(None, 0)), *args)
+    assert report.passed, report
+
+
+@pytest.mark.parametrize("name", [n for n in oc.FAST if n in _OPS])
+def test_opdb_planted_mutants_fail(name):
+    fn, args = _first_case(name)
+    counted = 0
+    for m in oc.mutants(len(args)):
+        report = verify_function(oc.wrapped(fn, len(args), m), *args)
+        if report.passed:
+            assert m.changed <= 1e-12 * max(1.0, m.scale), f"{name}: mutant {m} missed\n{report}"
+        else:
+            counted += 1
+    assert counted > 0
+
+
+def test_opdb_fast_subset_is_large_enough():
+    assert sum(n in _OPS for n in oc.FAST) >= 30
+
+
+@pytest.mark.slow
+def test_opdb_full_sweep_no_false_alarm_no_crash():
+    bad = []
+    for name, op in _OPS.items():
+        for sample in oc.samples(op, 2):
+            fn, args = oc.case(op, sample)
+            if not args:
+                continue
+            try:
+                report = verify_function(fn, *args)
+            except Exception as exc:  # a crash
+                bad.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
+                continue
+            if not report.passed and name not in oc.KNOWN_OPERATOR_DEFECTS:
+                bad.append(f"{name}: " + "; ".join(f"{r.name}: {r.status}" for r in report.failures))
+    assert not bad, "\n".join(bad)

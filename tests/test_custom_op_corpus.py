@@ -10,7 +10,7 @@ import warnings
 import pytest
 from custom_ops_corpus import BUGGY, CORRECT
 
-from torchgradcheck._function import verify_function
+from torchgradcheck import verify_function
 
 
 def _run(case):

@@ -14,8 +14,7 @@ import pytest
 import torch
 from torch.autograd import Function
 
-from torchgradcheck import GradcheckWarning, InvalidArgumentError
-from torchgradcheck._function import verify_function
+from torchgradcheck import GradcheckWarning, InvalidArgumentError, verify_function
 
 
 def _leaf(*shape: int, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:

@@ -14,7 +14,7 @@ pytest.importorskip("expecttest")
 
 import opdb_corpus as oc
 
-from torchgradcheck._function import verify_function
+from torchgradcheck import verify_function
 
 _OPS = {oc.op_id(op): op for op in oc.load_ops()}
 

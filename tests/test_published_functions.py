@@ -10,7 +10,7 @@ import pytest
 import torch
 from published_functions import BUGGY, CORRECT
 
-from torchgradcheck._function import verify_function
+from torchgradcheck import verify_function
 
 
 def test_published_corpus_size():

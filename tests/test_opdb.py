@@ -69,6 +69,8 @@ def test_opdb_fast_subset_is_large_enough():
 def test_opdb_full_sweep_no_false_alarm_no_crash():
     bad = []
     for name, op in _OPS.items():
+        if oc.pytorch_skips(op):
+            continue
         for sample in oc.samples(op, 2):
             fn, args = oc.case(op, sample)
             if not args:

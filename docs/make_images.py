@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 from corpus import HandLinear  # noqa: E402
 
 from torchgradcheck import verify_module  # noqa: E402
-from torchgradcheck._plot import draw_step_sweep, finish_step_axes, sweep_steps  # noqa: E402
+from torchgradcheck._sweep import draw_step_sweep, finish_step_axes, sweep_steps  # noqa: E402
 
 
 def row_bug(gx, gw, gb):

@@ -10,7 +10,7 @@ from helpers import assert_unchanged, snapshot
 from torch import nn
 
 from torchgradcheck import verify_module
-from torchgradcheck._compare import quadratic_misfit, quartic_misfit, relative_error
+from torchgradcheck._compare import quartic_misfit, relative_error
 from torchgradcheck._noise import noise_from_samples
 
 
@@ -85,6 +85,13 @@ def test_strong_curvature_is_rescued_by_second_look_not_by_loosening():
     # and a 1e-5 relative bug on the same curved loss still fails
     model.w.register_hook(lambda g: g * (1 + 1e-5))
     assert not verify_module(model, forward=lambda m, x: m(x), batch=torch.tensor(1.0), mode="full").passed
+
+
+def quadratic_misfit(values: torch.Tensor) -> torch.Tensor:
+    """Residual of the least-squares quadratic through five equal-spaced values: cubic and quartic parts."""
+    cubic = values @ torch.tensor([-1.0, 2.0, 0.0, -2.0, 1.0], dtype=torch.float64)
+    quartic = values @ torch.tensor([1.0, -4.0, 6.0, -4.0, 1.0], dtype=torch.float64)
+    return torch.sqrt(cubic**2 / 10.0 + quartic**2 / 70.0)
 
 
 def test_quadratic_misfit_separates_kinks_from_smooth_curves():

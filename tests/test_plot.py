@@ -13,9 +13,10 @@ from corpus import HandLinear
 from helpers import assert_unchanged, snapshot
 from torch import nn
 
-import torchgradcheck._check as check_module
+import torchgradcheck._measure as check_module
 from torchgradcheck import InvalidArgumentError, verify_module
-from torchgradcheck._plot import heatmap_grid, plot_step_sweep
+from torchgradcheck._plot import heatmap_grid
+from torchgradcheck._sweep import plot_step_sweep
 from torchgradcheck.cli import main
 
 pytest.importorskip("matplotlib")

@@ -66,7 +66,7 @@ def test_plugin_help_lists_gradcheck_options(pytester):
     result.stdout.fnmatch_lines(
         [
             "gradient checks (torchgradcheck):",
-            "*--gradcheck-mode={full,directional,sampled,auto}",
+            "*--gradcheck-mode={auto,full,directional,sampled}",
             "*run every verify_module call made through the gradcheck*",
             "*--gradcheck-device=DEVICE",
             "*move models and batches to DEVICE*",
@@ -119,7 +119,7 @@ def test_plugin_header_and_device_skip(pytester):
 def test_plugin_rejects_unknown_mode(pytester):
     result = pytester.runpytest_subprocess("--gradcheck-mode=exhaustive")
     assert result.ret == pytest.ExitCode.USAGE_ERROR
-    result.stderr.fnmatch_lines(["*--gradcheck-mode: invalid choice: 'exhaustive'*full*directional*sampled*auto*"])
+    result.stderr.fnmatch_lines(["*--gradcheck-mode: invalid choice: 'exhaustive'*auto*full*directional*sampled*"])
 
 
 def test_plugin_mode_option_reaches_verify_module(pytester):
@@ -265,3 +265,12 @@ def test_plugin_modes_mirror_verify_module_modes():
     from torchgradcheck.pytest_plugin import MODES
 
     assert sorted(MODES) == sorted(VERIFY_MODES)
+
+
+def test_plugin_reemits_report_warnings_as_gradcheck_warning():
+    from torchgradcheck import GradcheckWarning, Report
+    from torchgradcheck.pytest_plugin import _warn
+
+    report = Report(call="verify_module", results=(), relative_error=0.0, warnings=("the check saw no signal.",))
+    with pytest.warns(GradcheckWarning, match=r"^verify_module: the check saw no signal\.$"):
+        _warn(report)

@@ -13,7 +13,7 @@ from corpus import HandLinear
 from helpers import assert_unchanged, snapshot
 from torch import nn
 
-from torchgradcheck import ElementResult, GradientMismatchError, ParameterResult, Report, verify_module
+from torchgradcheck import ElementResult, GradientMismatchError, ParameterResult, Report, TensorResult, verify_module
 
 
 def _one_percent_off_at_3_7(gx, gw, gb):
@@ -177,7 +177,7 @@ def test_report_to_dict_is_json_and_round_trips(every_status):
     assert data["call"] == "verify_module"
     assert data["relative_error"] == report.relative_error
     assert data["evaluations"] == report.evaluations
-    assert data["options"] == report.options
+    assert data["options"] == report.options.to_dict()
     assert [(d["name"], d["status"], tuple(d["shape"]), d["passed"]) for d in data["results"]] == [
         (r.name, r.status, r.shape, r.passed) for r in report.results
     ]
@@ -498,3 +498,24 @@ def test_report_repr_fits_pytest_assertion_messages():
     assert len(text) <= 240
     assert text.startswith("<Report verify_module: FAILED")
     assert "worst 0.weight[3, 7]" in text
+
+
+def test_report_warnings_headline_str_dict_and_repr():
+    ok = TensorResult(name="w", shape=(2,), status="ok", checked=2, relative_error=0.0, norms=(1.0, 1.0))
+    first = "the loss is float32 and its noise hides errors below 1e-4; pass dtype=torch.float64."
+    second = "only 3 of 1,000 elements were checked; pass mode='full' for every element."
+    report = Report(call="verify_module", results=(ok,), relative_error=0.0, warnings=(first, second))
+    assert report.passed
+    assert report.headline().startswith(f"verify_module: OK — WARNING: {first} (+1 more);")
+    text = str(report)
+    assert f"  WARNING: {first}" in text
+    assert f"  WARNING: {second}" in text
+    assert report.to_dict()["warnings"] == [first, second]
+    assert len(repr(report)) <= 240
+    long = Report(call="verify_module", results=(ok,), relative_error=0.0, warnings=(first * 4,))
+    assert len(repr(long)) == 240
+    assert repr(long).endswith("...>")
+    quiet = Report(call="verify_module", results=(ok,), relative_error=0.0)
+    assert "WARNING" not in str(quiet)
+    assert quiet.headline().startswith("verify_module: OK, 1 tensor")
+    assert ParameterResult is TensorResult

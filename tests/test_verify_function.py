@@ -9,7 +9,7 @@ from helpers import assert_unchanged, snapshot
 from torch import nn
 
 from torchgradcheck import GradientMismatchError, InvalidArgumentError, InvalidArgumentTypeError
-from torchgradcheck._function import verify_function
+from torchgradcheck.function import verify_function
 
 
 def _state(tree):

@@ -20,6 +20,7 @@ __all__ = [
     "ParameterResult",
     "Report",
     "SiteVerdict",
+    "TensorResult",
     "TorchGradcheckError",
     "__version__",
     "plot_step_sweep",
@@ -32,6 +33,7 @@ __all__ = [
 _WHERE = {
     "ElementResult": "._report",
     "ParameterResult": "._report",
+    "TensorResult": "._report",
     "Report": "._report",
     "GradcheckWarning": "._errors",
     "GradientMismatchError": "._errors",
@@ -40,14 +42,13 @@ _WHERE = {
     "TorchGradcheckError": "._errors",
     "Localisation": "._localise",
     "SiteVerdict": "._localise",
-    "plot_step_sweep": "._plot",
-    "verify_distributed": "._distributed",
-    "verify_function": "._function",
+    "plot_step_sweep": "._sweep",
+    "verify_distributed": ".distributed",
+    "verify_function": ".function",
     "verify_module": "._verify",
 }
 
 if TYPE_CHECKING:
-    from ._distributed import verify_distributed
     from ._errors import (
         GradcheckWarning,
         GradientMismatchError,
@@ -55,11 +56,12 @@ if TYPE_CHECKING:
         InvalidArgumentTypeError,
         TorchGradcheckError,
     )
-    from ._function import verify_function
     from ._localise import Localisation, SiteVerdict
-    from ._plot import plot_step_sweep
-    from ._report import ElementResult, ParameterResult, Report
+    from ._report import ElementResult, ParameterResult, Report, TensorResult
+    from ._sweep import plot_step_sweep
     from ._verify import verify_module
+    from .distributed import verify_distributed
+    from .function import verify_function
 
 
 def __getattr__(name: str) -> Any:

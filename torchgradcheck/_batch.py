@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
 from ._params import Target
@@ -37,43 +38,38 @@ class BatchError(ValueError):
 
 
 def convert_batch(batch: Any, dtype: torch.dtype | None, path: str = "batch") -> Any:
-    """Copy the batch, floating tensors in `dtype`; reject NaN/Inf. Never touches the caller's tensors."""
-    if isinstance(batch, torch.Tensor):
-        if batch.is_floating_point() or batch.is_complex():
-            if not bool(torch.isfinite(batch).all()):
-                raise BatchError(f"{path} contains NaN or Inf")
-            target = dtype or batch.dtype
-            if batch.is_complex():  # complex stays complex: casting to a real dtype would drop the imaginary part
-                target = _COMPLEX.get(target, batch.dtype)
-            with torch.inference_mode(False):  # a normal tensor, even if the caller is in inference mode
-                return batch.detach().to(dtype=target, copy=True).contiguous()
-        if batch.is_inference():  # made under torch.inference_mode(): autograd may not save it, so copy it
-            with torch.inference_mode(False):
-                return batch.clone()
+    """Copy the batch, floating tensors in `dtype`; reject NaN/Inf. Never touches the caller's tensors.
+
+    Containers are walked with ``torch.utils._pytree`` (tuples, lists, dicts, namedtuples and every
+    registered container), rebuilt with their own types.
+    """
+    return pytree.tree_map_with_path(lambda key, leaf: _convert_leaf(leaf, dtype, path + pytree.keystr(key)), batch)
+
+
+def _convert_leaf(batch: Any, dtype: torch.dtype | None, path: str) -> Any:
+    if not isinstance(batch, torch.Tensor):
         return batch
-    if isinstance(batch, dict):
-        return {k: convert_batch(v, dtype, f"{path}[{k!r}]") for k, v in batch.items()}
-    if isinstance(batch, (tuple, list)):
-        items = [convert_batch(v, dtype, f"{path}[{i}]") for i, v in enumerate(batch)]
-        if hasattr(batch, "_fields"):  # namedtuple
-            return type(batch)(*items)
-        return type(batch)(items)
+    if batch.is_floating_point() or batch.is_complex():
+        if not bool(torch.isfinite(batch).all()):
+            raise BatchError(f"{path} contains NaN or Inf")
+        target = dtype or batch.dtype
+        if batch.is_complex():  # complex stays complex: casting to a real dtype would drop the imaginary part
+            target = _COMPLEX.get(target, batch.dtype)
+        with torch.inference_mode(False):  # a normal tensor, even if the caller is in inference mode
+            return batch.detach().to(dtype=target, copy=True).contiguous()
+    if batch.is_inference():  # made under torch.inference_mode(): autograd may not save it, so copy it
+        with torch.inference_mode(False):
+            return batch.clone()
     return batch
 
 
 def input_targets(batch: Any, path: str = "batch") -> list[Target]:
-    """The floating tensors of a converted batch, as targets to perturb (``inputs=True``)."""
-    found: list[Target] = []
-    if isinstance(batch, torch.Tensor):
-        if batch.is_floating_point():
-            found.append(Target(path, batch, kind="input", param=batch))
-    elif isinstance(batch, dict):
-        for k, v in batch.items():
-            found.extend(input_targets(v, f"{path}[{k!r}]"))
-    elif isinstance(batch, (tuple, list)):
-        for i, v in enumerate(batch):
-            found.extend(input_targets(v, f"{path}[{i}]"))
-    return found
+    """The floating tensors of a converted batch, as targets to perturb (``inputs=True``), named by path."""
+    return [
+        Target(path + pytree.keystr(key), leaf, kind="input", param=leaf)
+        for key, leaf in pytree.tree_flatten_with_path(batch)[0]
+        if isinstance(leaf, torch.Tensor) and leaf.is_floating_point()
+    ]
 
 
 def _call(model: Callable[..., Any], inputs: Any) -> Any:

@@ -1,203 +1,221 @@
-"""One tensor, start to end: perturb its elements, compare with autograd, summarise.
+"""The shared middle: check a list of target tensors of a lent model against one objective.
 
-This is the pipeline's middle, shared by `verify_module` and `verify_function`:
-noise estimate (`_noise`) -> first pass (`_finite_diff`) -> tolerance (`_compare`) -> second look at
-the failures -> a `ParameterResult` (`_report`). `measure` checks every element, or the subset
-``index`` (sampled mode, or the elements a failed directional probe narrowed down to).
+`check_targets` is what every module-shaped check runs between "the model is lent and the targets
+are chosen" and "a `Report` is assembled": `verify_module`, `_localise` (one site at a time),
+`distributed/` (split and lockstep) and the step-sweep plot (`analytical`). It never validates
+arguments and never lends the model: its callers have done that, once, at the public boundary.
+
+    analytical (one backward) -> engine (`_engines.choose_engine`) -> noise per tensor (`_modes`)
+    -> plan (`_modes.plan`) -> each tensor in its mode (`_modes.check_tensor`, `_measure`)
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+from torch import nn
 
-from ._compare import first_tolerance, judge_second_look, relative_error
-from ._engines import Engine
-from ._finite_diff import first_pass, second_look
-from ._noise import estimate_noise, unit_roundoff
-from ._params import Target
-from ._report import ElementErrors, ElementResult, ParameterResult
+from ._batch import BatchError, Objective, check_loss, convert_batch, module_is_lazy
+from ._engines import EngineSwitch, LoopEngine, choose_engine
+from ._errors import InvalidArgumentError, InvalidArgumentTypeError
+from ._measure import Settings
+from ._modes import TensorJob, check_tensor, measure_noise, plan
+from ._options import CheckOptions
+from ._params import Lent, Target, dense_grad, select_parameters, unmatched_patterns
+from ._report import TensorResult
+from ._state import reseed
 
-__all__ = ["Settings", "TensorCheck", "measure", "noise_level", "summarise"]
+__all__ = ["Checked", "analytical", "check_module_call", "check_targets", "overall_error", "prepare"]
 
-WORST_SHOWN = 5
-INCONCLUSIVE_SHARE = 0.5  # more than this share of elements at kinks: no verdict for the tensor
+# What torch says when a kernel rejects the dtype it was given ("expected scalar type Float but found Double").
+_DTYPE_ERROR = re.compile(r"(?i)double|float64|dtype|scalar type")
+Tick = Callable[[int], None]
 
 
-@dataclass(frozen=True)
-class Settings:
-    eps: float
-    rtol: float
-    atol: float
-    directional_rtol: float | None = None  # tolerance of random-direction probes; None: per dtype
+def _noop(_: int) -> None:
+    return None
 
 
 @dataclass
-class TensorCheck:
-    """The raw outcome for the checked elements of one tensor, before it becomes a `ParameterResult`."""
+class Checked:
+    """What `check_targets` found: one row per target (in order), and how it got there."""
 
-    analytical: torch.Tensor  # at the checked elements
-    numerical: torch.Tensor
-    tolerance: torch.Tensor
-    kink: torch.Tensor
-    sigma: float
-    index: torch.Tensor | None = None  # flat indices of the checked elements; None: all, in order
+    results: list[TensorResult]
+    evaluations: int
+    engine: str
+    loss: torch.Tensor
+    notes: list[str] = field(default_factory=list)
 
-
-def noise_level(engine: Engine, target: Target, loss0: torch.Tensor, floor: float, generator: torch.Generator) -> float:
-    """Measured noise of the loss while moving `target`, floored by ``u*|L|`` and any known nondeterminism."""
-    u = unit_roundoff(target.tensor.dtype)
-    return max(estimate_noise(engine, target, generator), u * abs(float(loss0)), floor)
+    @property
+    def relative_error(self) -> float:
+        return overall_error(self.results)
 
 
-def measure(
-    engine: Engine,
-    target: Target,
-    analytical: torch.Tensor,
-    loss0: torch.Tensor,
-    floor: float,
-    settings: Settings,
-    generator: torch.Generator,
+def check_targets(
+    lent: Lent,
+    objective: Objective,
+    targets: list[Target],
+    options: CheckOptions,
+    tick: Tick = _noop,
     *,
-    index: torch.Tensor | None = None,
-    sigma: float | None = None,
-    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
-) -> TensorCheck:
-    """Numerical gradient at the elements `index` (default all) of `target`, judged against `analytical`.
+    call: str,
+    grow: Tick = _noop,
+) -> Checked:
+    """Check every target of a lent model in its planned mode; errors name `call`.
 
-    `analytical` is the flat float64 gradient of the whole tensor; `sigma` the noise level if already
-    known; `agree` merges the first pass's failure mask across processes (so that every rank of a
-    distributed check takes the same second look, in lockstep).
+    `options` must be resolved (`CheckOptions.resolve`: eps and rtol set). `tick(n)` reports finished
+    evaluations; `grow(n)` adds planned work to a progress bar (the plan is known only after the noise).
     """
-    if sigma is None:
-        sigma = noise_level(engine, target, loss0, floor, generator)
-    full = index is None
-    if index is None:
-        index = torch.arange(target.tensor.numel(), device=target.tensor.device)
-    a = analytical[index]
-    first = first_pass(engine, target, index, settings.eps)
-    numerical = first.derivative
-    tolerance = first_tolerance(numerical, first.span, sigma, settings.rtol, settings.atol)
-    bad = ~((a - numerical).abs() <= tolerance)  # NaN counts as bad
-    if agree is not None:
-        bad = agree(bad)
-    kink = torch.zeros_like(bad)
-    if bool(bad.any()):
-        where = bad.nonzero().flatten()
-        look = second_look(engine, target, first, where, loss0)
-        j = judge_second_look(
-            a[where],
-            numerical[where],
-            first.h[where],
-            first.span[where],
-            look.values,
-            look.wide,
-            sigma,
-            settings.rtol,
-            settings.atol,
+    loss0, grads = analytical(lent, objective, targets, options.seed, call)
+    notes: list[str] = []
+    jobs = []
+    for t in targets:
+        a = grads[t.name]
+        zeros = torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
+        jobs.append(TensorJob(t, zeros if a is None else a, a is not None))
+    engines, nondet = start_engines(call, lent, objective, targets, options, tick, notes)
+    generator = torch.Generator().manual_seed(options.seed)
+    settings = Settings(eps=float(options.eps or 0), rtol=float(options.rtol or 0), atol=options.atol)
+    for job in jobs:
+        engines.run(job.target.name, lambda e, job=job: measure_noise(e, job, loss0, nondet, generator))
+    plan(jobs, options.mode, options.budget)
+    grow(sum(job.cost("auto" if job.mode == "cheap" else job.mode) for job in jobs))
+    results = [
+        engines.run(job.target.name, lambda e, job=job: check_tensor(e, job, loss0, nondet, settings, generator))
+        for job in jobs
+    ]
+    return Checked(results, engines.evaluations, engines.name, loss0, notes)
+
+
+def start_engines(
+    call: str,
+    lent: Lent,
+    objective: Objective,
+    targets: list[Target],
+    options: CheckOptions,
+    tick: Tick,
+    notes: list[str],
+) -> tuple[EngineSwitch, float]:
+    """The loop engine, the forward's nondeterminism (two identical evaluations), and the engine policy."""
+    loop = LoopEngine(lent, objective, options.seed, tick)
+    loss_again, nondet = loop.loss_twice()
+    if nondet > 0:
+        notes.append(
+            f"the forward is nondeterministic beyond torch's RNG: two identical evaluations differ by "
+            f"{nondet:.2e}; tolerances widened by this noise"
         )
-        numerical = numerical.clone()
-        tolerance = tolerance.clone()
-        numerical[where] = j.numerical
-        tolerance[where] = j.tolerance
-        kink[where] = j.kink
-    return TensorCheck(a, numerical, tolerance, kink, sigma, None if full else index)
+    first = targets[0] if targets else None
+    return choose_engine(call, loop, first, loss_again, nondet, options.engine, notes), nondet
 
 
-def _unravel(flat: int, shape: tuple[int, ...]) -> tuple[int, ...]:
-    return tuple(int(x) for x in torch.unravel_index(torch.tensor(flat), shape)) if shape else ()
+def overall_error(results: Sequence[TensorResult]) -> float:
+    """``||a - n|| / (||a|| + ||n||)`` over every checked element of every tensor."""
+    diff2 = a2 = n2 = 0.0
+    for res in results:
+        if res.norms is None or res.relative_error is None:
+            continue
+        a, n = res.norms
+        diff2 += (res.relative_error * (a + n)) ** 2
+        a2, n2 = a2 + a * a, n2 + n * n
+    den = a2**0.5 + n2**0.5
+    return diff2**0.5 / den if den > 0 else 0.0
 
 
-def summarise(
-    target: Target, check: TensorCheck, has_grad: bool, *, coverage: str = "full", extra_failure: str = ""
-) -> ParameterResult:
-    """Turn the element-wise outcome into a verdict for the tensor.
+def check_module_call(call: str, model: Any, loss_fn: Any, forward: Any, **flags: Any) -> None:
+    """The model, loss_fn/forward and boolean flags of a verify_* call on a module; errors name `call`."""
+    if not isinstance(model, nn.Module):
+        raise InvalidArgumentTypeError(
+            f"{call}: expected a torch.nn.Module but got model={model!r} (type={type(model).__name__}); "
+            "to check a plain function use verify_function."
+        )
+    if forward is None:
+        if not callable(loss_fn):
+            raise InvalidArgumentTypeError(
+                f"{call}: loss_fn must be callable (e.g. nn.MSELoss()) but got loss_fn={loss_fn!r}; "
+                "or pass forward=lambda model, batch: <loss>."
+            )
+    elif loss_fn is not None:
+        raise InvalidArgumentError(
+            f"{call}: got both loss_fn={loss_fn!r} and forward=; forward(model, batch) computes the loss "
+            "itself, so loss_fn would be ignored: pass one of them (loss_fn=None with forward=)."
+        )
+    elif not callable(forward):
+        raise InvalidArgumentTypeError(f"{call}: forward= must be a callable (model, batch) -> loss, got {forward!r}.")
+    for name, flag in flags.items():
+        if not isinstance(flag, bool):
+            raise InvalidArgumentTypeError(f"{call}: {name}= must be True or False, got {flag!r}.")
 
-    `extra_failure` marks the tensor failed for a reason found outside the element checks (a failed
-    directional probe that could not be narrowed to elements); it becomes the note.
+
+def prepare(
+    call: str,
+    model: nn.Module,
+    loss_fn: Any,
+    batch: Any,
+    forward: Any,
+    patterns: Sequence[str] | None,
+    inputs: bool,
+    dtype: torch.dtype | None,
+) -> tuple[list[tuple[str, nn.Parameter]], list[tuple[str, str]], Objective]:
+    """The parameters to check (and the skipped ones), and the objective on a converted copy of the batch."""
+    if module_is_lazy(model):
+        raise InvalidArgumentError(f"{call}: the model has uninitialized (lazy) parameters; run one forward first.")
+    checked, skipped = select_parameters(model, patterns)
+    for p in unmatched_patterns(model, patterns):
+        names = [n for n, _ in model.named_parameters()]
+        raise InvalidArgumentError(f"{call}: params={p!r} matches no parameter; names are {names[:10]}.")
+    if not checked and not inputs:
+        raise InvalidArgumentError(
+            f"{call}: the model has no trainable floating parameters to check "
+            f"(skipped: {skipped or 'none'}); set requires_grad=True, or pass inputs=True."
+        )
+    try:
+        objective = Objective(loss_fn, convert_batch(batch, dtype), forward)
+    except BatchError as exc:
+        raise InvalidArgumentError(f"{call}: {exc}; fix the batch, or pass forward=.") from None
+    return checked, skipped, objective
+
+
+def analytical(
+    lent: Lent, objective: Objective, targets: list[Target], seed: int, call: str
+) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+    """One seeded forward and ``loss.backward()``: the loss and every target's ``.grad`` (flat float64).
+
+    The errors name `call`; a kernel that rejects the checking dtype gets an error naming dtype=None.
     """
-    a, n, tol, kink = check.analytical, check.numerical, check.tolerance, check.kink
-    flat_index = check.index.tolist() if check.index is not None else None
-    err = (a - n).abs()
-    err = torch.where(torch.isfinite(err), err, torch.full_like(err, math.inf))
-    judged = ~kink
-    over = (err > tol) & judged
-    failed = int(over.sum())
-    score = torch.where(judged, err / tol.clamp(min=torch.finfo(torch.float64).tiny), torch.zeros_like(err))
-    k = min(WORST_SHOWN, score.numel())
-    top = torch.topk(score, k).indices.tolist() if k else []
-    shape = target.shape
-
-    def where(i: int) -> tuple[int, ...]:
-        return _unravel(flat_index[i] if flat_index is not None else i, shape)
-
-    worst = tuple(
-        ElementResult(
-            index=where(i),
-            numerical=float(n[i]),
-            analytical=float(a[i]),
-            abs_error=float(err[i]),
-            tolerance=float(tol[i]),
-        )
-        for i in top
-        if bool(judged[i])
-    )
-    kink_index = tuple(where(i) for i in kink.nonzero().flatten().tolist())
-    rel = relative_error(a[judged], n[judged])
-    quiet = bool((a.abs() <= tol).all()) and bool((n.abs() <= tol).all())
-    note = ""
-    if not has_grad:
-        bad = failed or extra_failure
-        status = "no gradient" if bad else "unused"
-        note = (
-            ".grad is None after backward, but the loss depends on this tensor: something cuts it off "
-            "(.detach(), torch.no_grad(), .data)"
-            if bad
-            else ".grad is None after backward and the loss does not depend on it"
-        )
-    elif failed or extra_failure:
-        status = "mismatch"
-        note = extra_failure
-    elif judged.numel() and len(kink_index) > INCONCLUSIVE_SHARE * judged.numel():
-        status = "inconclusive"
-        note = f"{len(kink_index)} of {judged.numel()} elements sit at kinks; too few left to judge this tensor"
-    elif quiet:
-        status = "zero"
-    else:
-        status = "ok"
-    return ParameterResult(
-        name=target.name,
-        shape=shape,
-        status=status,
-        relative_error=rel,
-        max_abs_error=float(err[judged].max()) if bool(judged.any()) else None,
-        checked=int(judged.sum()),
-        failed=failed,
-        worst=worst,
-        not_differentiable=kink_index,
-        noise=check.sigma,
-        kind=target.kind,
-        note=note,
-        coverage=coverage,
-        norms=(float(a[judged].norm()), float(n[judged].norm())),
-        errors=_element_errors(err, tol, kink, check.index, target.tensor.numel()),
-    )
-
-
-KEEP_ELEMENTS = 1_000_000  # per-element errors are kept for pictures only up to this many elements (8 MB)
-
-
-def _element_errors(
-    err: torch.Tensor, tol: torch.Tensor, kink: torch.Tensor, index: torch.Tensor | None, numel: int
-) -> ElementErrors | None:
-    """Every element's |a - n| and tolerance for `Report.plot`; NaN where an element was not checked."""
-    if numel > KEEP_ELEMENTS:
-        return None
-    if index is not None:  # a subset was checked: scatter it into full-size arrays
-        full = torch.full((numel,), math.nan, dtype=err.dtype, device=err.device)
-        err, tol = full.index_put((index,), err), full.index_put((index,), tol)
-        kink = torch.zeros(numel, dtype=torch.bool, device=kink.device).index_put((index,), kink)
-    return ElementErrors(err.float().cpu().numpy(), tol.float().cpu().numpy(), kink.cpu().numpy())
+    for t in targets:
+        if t.kind == "input":
+            t.tensor.requires_grad_(True)
+    torch.set_grad_enabled(True)
+    lent.reset_buffers()
+    reseed(seed)
+    try:
+        loss = check_loss(objective(lent.model))
+        if not loss.requires_grad:
+            raise InvalidArgumentError(
+                f"{call}: the loss does not require grad: nothing connects it to the checked parameters "
+                "(computed under torch.no_grad(), or detached?)."
+            )
+        loss.backward()
+    except BatchError as exc:
+        raise InvalidArgumentError(f"{call}: {exc}.") from None
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        own = {s.data.dtype for s in lent.saved_params if s.data.is_floating_point()}
+        if lent.dtype is None or own <= {lent.dtype} or not _DTYPE_ERROR.search(str(exc)):
+            raise  # the model's own error (a shape bug, ...), not our conversion: let it through untouched
+        raise InvalidArgumentError(
+            f"{call}: the model failed when run in {lent.dtype} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); its own dtype is {sorted(map(str, own))}. If its kernels "
+            "only run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
+        ) from exc
+    grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
+    lent.clear_grads()
+    for t in targets:
+        if t.kind == "input":
+            t.tensor.requires_grad_(False)
+            t.tensor.grad = None
+    torch.set_grad_enabled(False)
+    return loss.detach().to(torch.float64), grads

@@ -25,6 +25,7 @@ over N elements it dilutes a one-element bug by about ``1/sqrt(N)``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -36,7 +37,7 @@ __all__ = [
     "Judgement",
     "first_tolerance",
     "judge_second_look",
-    "quadratic_misfit",
+    "refine_failures",
     "quartic_misfit",
     "relative_error",
 ]
@@ -78,13 +79,6 @@ _CUBIC = torch.tensor([-1.0, 2.0, 0.0, -2.0, 1.0], dtype=torch.float64)
 _QUARTIC = torch.tensor([1.0, -4.0, 6.0, -4.0, 1.0], dtype=torch.float64)
 
 
-def quadratic_misfit(values: torch.Tensor) -> torch.Tensor:
-    """Residual norm of the least-squares quadratic through five equally spaced values, per row."""
-    cubic = values @ _CUBIC.to(values.device)
-    quartic = values @ _QUARTIC.to(values.device)
-    return torch.sqrt(cubic**2 / 10.0 + quartic**2 / 70.0)
-
-
 def quartic_misfit(values: torch.Tensor) -> torch.Tensor:
     """The part of five equally spaced values that no cubic explains (the kink signal), per row."""
     return (values @ _QUARTIC.to(values.device)).abs() / math.sqrt(70.0)
@@ -104,21 +98,57 @@ def judge_second_look(
     span: torch.Tensor,
     values: torch.Tensor,
     wide: torch.Tensor,
-    sigma: float,
+    sigma: float | torch.Tensor,
     rtol: float,
     atol: float,
+    *,
+    rtol_scale: torch.Tensor | None = None,
+    atol_scale: torch.Tensor | None = None,
 ) -> Judgement:
-    """Refine and re-judge the elements that failed the first pass (all arguments restricted to them)."""
+    """Refine and re-judge the elements that failed the first pass (all arguments restricted to them).
+
+    THE second look, for elements, directions and function rows alike. ``values`` are the five
+    losses at ``-2h..2h``, ``wide`` the difference with step ``2h``. The rtol term scales with
+    ``|refined|`` unless `rtol_scale` is given (a probe: ``||g|| ||D||``); the atol term is `atol`
+    times `atol_scale` when given (a probe: ``sum |D|``).
+    """
     refined = (4.0 * first_derivative - wide) / 3.0
     truncation = (first_derivative - wide).abs() / 3.0
     noise = 1.5 * NOISE_SIGMAS * math.sqrt(2.0) * sigma / span
-    tolerance = atol + rtol * refined.abs() + noise + truncation
+    relative = refined.abs() if rtol_scale is None else rtol_scale
+    absolute = atol if atol_scale is None else atol * atol_scale
+    tolerance = absolute + rtol * relative + noise + truncation
     misfit = quartic_misfit(values)
     disagreement = (analytical - first_derivative).abs()
     kink = (misfit > KINK_SIGMAS * math.sqrt(2.0) * sigma) & (misfit >= KINK_SHARE * h * disagreement)
     kink |= ~torch.isfinite(values).all(dim=1)
     refined = torch.where(torch.isfinite(refined), refined, first_derivative)
     return Judgement(numerical=refined, tolerance=tolerance, kink=kink)
+
+
+def refine_failures(
+    analytical: torch.Tensor,
+    numerical: torch.Tensor,
+    tolerance: torch.Tensor,
+    look: Callable[[torch.Tensor], Judgement],
+    agree: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> Judgement:
+    """THE loop "first pass, second look, scatter back", for elements, directions and function rows.
+
+    The rows over `tolerance` (NaN counts as over) are merged across processes by `agree` (if given),
+    handed to ``look(where)`` (which takes the second look at those rows and returns its `Judgement`),
+    and its refined value, tolerance and kink flag are scattered back into full-size copies.
+    """
+    bad = ~((analytical - numerical).abs() <= tolerance)
+    if agree is not None:
+        bad = agree(bad)
+    kink = torch.zeros_like(bad)
+    if bool(bad.any()):
+        where = bad.nonzero().flatten()
+        j = look(where)
+        numerical, tolerance = numerical.clone(), tolerance.clone()
+        numerical[where], tolerance[where], kink[where] = j.numerical, j.tolerance, j.kink
+    return Judgement(numerical=numerical, tolerance=tolerance, kink=kink)
 
 
 def relative_error(analytical: torch.Tensor, numerical: torch.Tensor) -> float:

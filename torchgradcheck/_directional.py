@@ -11,7 +11,7 @@ sharp where torch's fast mode is blind:
 * +-1 components never vanish, so a single wrong element always moves the discrepancy.
 
 A failed probe says which tensor, not which element: `narrow` bisects the tensor with probes
-restricted to halves until small groups of suspects remain, which `_check.measure` then checks
+restricted to halves until small groups of suspects remain, which `_measure.measure` then checks
 element by element so the report still names ``fc1.weight[3, 7]``.
 """
 
@@ -22,9 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ._check import Settings
-from ._compare import KINK_SHARE, KINK_SIGMAS, NOISE_SIGMAS, quartic_misfit
+from ._compare import NOISE_SIGMAS, Judgement, judge_second_look, refine_failures
 from ._engines import Engine
+from ._measure import Settings
 from ._params import Target
 
 __all__ = ["DIRECTIONAL_RTOL", "ProbeResult", "narrow", "probe", "random_directions"]
@@ -100,33 +100,34 @@ def probe(
     numerical = (plus - minus) / 2
     ana = step @ analytical
     scale = analytical.norm() * step.norm(dim=1)
-    rtol = DIRECTIONAL_RTOL[dtype] if settings.directional_rtol is None else settings.directional_rtol
+    rtol = DIRECTIONAL_RTOL[dtype]
     noise = NOISE_SIGMAS * math.sqrt(2.0) * sigma / 2
     tolerance = rtol * scale + noise + settings.atol * step.abs().sum(dim=1)
-    kink = torch.zeros(len(deltas), dtype=torch.bool, device=deltas.device)
-    result = ProbeResult(numerical, ana, tolerance, scale, kink)
-    bad = result.failed
-    if bool(bad.any()):
-        where = bad.nonzero().flatten()
+
+    def look(where: torch.Tensor) -> Judgement:
         up2, down2 = _evaluated_steps(target, 2 * deltas[where])
         plus2 = engine.losses_along(target, up2.to(dtype))
         minus2 = engine.losses_along(target, (-down2).to(dtype))
-        wide = (plus2 - minus2) / 4
-        first = numerical[where]
-        refined = (4 * first - wide) / 3
         values = torch.stack([minus2, minus[where], loss0.expand(len(where)), plus[where], plus2], dim=1)
-        misfit = quartic_misfit(values)
-        result.numerical = numerical.clone()
-        result.numerical[where] = refined
-        result.tolerance = tolerance.clone()
-        result.tolerance[where] = (
-            rtol * scale[where] + 1.5 * noise + (first - wide).abs() / 3 + settings.atol * step[where].abs().sum(dim=1)
+        two = torch.full((len(where),), 2.0, dtype=torch.float64, device=values.device)
+        j = judge_second_look(
+            ana[where],
+            numerical[where],
+            two / 2,  # in units of the direction: h = 1, span = 2
+            two,
+            values,
+            (plus2 - minus2) / 4,
+            sigma,
+            rtol,
+            settings.atol,
+            rtol_scale=scale[where],
+            atol_scale=step[where].abs().sum(dim=1),
         )
-        result.kink = kink.clone()
-        result.kink[where] = (misfit > KINK_SIGMAS * math.sqrt(2.0) * sigma) & (
-            misfit >= KINK_SHARE * (ana[where] - first).abs()
-        )
-    return result
+        j.kink &= torch.isfinite(values).all(dim=1)  # a probe that hits NaN/Inf fails; it is no kink
+        return j
+
+    judged = refine_failures(ana, numerical, tolerance, look)
+    return ProbeResult(judged.numerical, ana, judged.tolerance, scale, judged.kink)
 
 
 def narrow(

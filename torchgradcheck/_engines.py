@@ -9,8 +9,11 @@ Two interchangeable engines answer the same two questions:
 it works for every model. `VmapEngine` evaluates a chunk of perturbed copies of the tensor in one
 batched forward with ``torch.func.vmap`` over ``torch.func.functional_call`` (the other tensors are
 shared, not copied). Before every evaluation both engines reset the buffers and re-seed the RNG,
-so the two give the same verdicts; `_check` falls back from vmap to the loop when vmap can't run the
-model or disagrees with a plain forward.
+so the two give the same verdicts.
+
+The engine policy lives here, once, for every entry point: `choose_engine` picks vmap when one
+batched unperturbed evaluation reproduces the plain loss (within ``1e4 u |L| + 10 * nondet``), and
+`EngineSwitch` falls back from vmap to the loop when vmap fails mid-check (always with a note).
 """
 
 from __future__ import annotations
@@ -20,14 +23,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.func import functional_call, vmap
 
 from ._batch import Objective
+from ._errors import InvalidArgumentError
 from ._params import Lent, Target
 from ._state import reseed
 
-__all__ = ["Engine", "LoopEngine", "VmapEngine"]
+__all__ = ["Engine", "EngineSwitch", "LoopEngine", "VmapEngine", "choose_engine", "vmap_agrees"]
 
 Tick = Callable[[int], None]
 
@@ -131,14 +136,8 @@ def memory_budget(device: torch.device) -> int:
 
 
 def _substitute(tree: Any, old: torch.Tensor, new: torch.Tensor) -> Any:
-    if tree is old:
-        return new
-    if isinstance(tree, dict):
-        return {k: _substitute(v, old, new) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_substitute(v, old, new) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return tree
+    """`tree` with the leaf `old` (by identity) replaced by `new`."""
+    return pytree.tree_map(lambda leaf: new if leaf is old else leaf, tree)
 
 
 class _Wrapped(nn.Module):
@@ -161,15 +160,14 @@ class VmapEngine(Engine):
 
     name = "vmap"
 
-    def __init__(self, *args: Any, chunk_elements: int | None = None, max_chunk: int = 256, **kwargs: Any):
+    def __init__(self, *args: Any, max_chunk: int = 256, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.wrapped = _Wrapped(self.lent.model, self.objective)
-        self.chunk_elements = chunk_elements
         self.max_chunk = max_chunk
 
     def chunk_size(self, target: Target) -> int:
         """Rows per batched forward: at most `max_chunk`, and perturbed copies within the memory budget."""
-        budget = self.chunk_elements or memory_budget(target.tensor.device) // target.tensor.element_size()
+        budget = memory_budget(target.tensor.device) // target.tensor.element_size()
         return max(1, min(self.max_chunk, budget // max(1, target.tensor.numel())))
 
     def _row_fn(self, target: Target) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -226,3 +224,78 @@ class VmapEngine(Engine):
 
     def losses_along(self, target: Target, deltas: torch.Tensor) -> torch.Tensor:
         return self._batched(target, target.flat + deltas)
+
+
+def vmap_agrees(engine: VmapEngine, target: Target, loss0: torch.Tensor, slack: float) -> str | None:
+    """None if one unperturbed batched evaluation reproduces the plain loss; else why not."""
+    try:
+        value = engine.losses_along(
+            target, torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype, device=target.tensor.device)
+        )[0]
+    except Exception as exc:  # vmap can't run this model: any error here means "use the loop"
+        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
+        return f"vmap could not run the model ({type(exc).__name__}: {first[:160]})"
+    if not abs(float(value) - float(loss0)) <= slack:
+        return f"vmap gave a different unperturbed loss ({float(value)!r} vs {float(loss0)!r})"
+    return None
+
+
+class EngineSwitch:
+    """The engine in use, and THE switch to the loop when vmap fails mid-check (noted, never silent)."""
+
+    def __init__(self, loop: LoopEngine, engine: Engine, forced: bool, notes: list[str]) -> None:
+        self.loop, self.engine, self.forced, self.notes = loop, engine, forced, notes
+
+    def run(self, what: str, fn: Callable[[Engine], Any]) -> Any:
+        """``fn(engine)``; if vmap raises (and was not forced), note it and rerun ``fn`` on the loop."""
+        try:
+            return fn(self.engine)
+        except Exception as exc:
+            if self.engine is self.loop or self.forced:
+                raise
+            note = f"engine: loop from {what} on, because vmap failed ({type(exc).__name__})"
+            if note not in self.notes:
+                self.notes.append(note)
+            self.engine = self.loop
+            return fn(self.engine)
+
+    @property
+    def evaluations(self) -> int:
+        return self.loop.evaluations + (self.engine.evaluations if self.engine is not self.loop else 0)
+
+    @property
+    def name(self) -> str:
+        return self.engine.name
+
+
+def choose_engine(
+    call: str,
+    loop: LoopEngine,
+    target: Target | None,
+    loss0: torch.Tensor,
+    nondet: float,
+    wanted: str,
+    notes: list[str],
+) -> EngineSwitch:
+    """THE engine policy: vmap where it reproduces the plain loss, else the loop (with a note).
+
+    `loop` is the loop engine of this check (its lent model, objective, seed and tick are reused);
+    `target` the tensor vmap is tried on (None: nothing to check, the loop); `nondet` the measured
+    nondeterminism of the forward, which widens the agreement slack by ``10 * nondet``. With
+    ``wanted="vmap"`` a vmap that can't run is an error naming `call`.
+    """
+    engine: Engine = loop
+    if wanted in ("auto", "vmap") and target is not None:
+        u = float(torch.finfo(target.tensor.dtype).eps) / 2
+        slack = 1e4 * u * abs(float(loss0)) + 10 * nondet
+        vm = VmapEngine(loop.lent, loop.objective, loop.seed, loop.tick)
+        why = vmap_agrees(vm, target, loss0, slack)
+        if why is None:
+            engine = vm
+        elif wanted == "vmap":
+            raise InvalidArgumentError(f"{call}: engine='vmap' is not usable here: {why}; use engine='auto'.")
+        else:
+            note = f"engine: loop, because {why}"
+            if note not in notes:
+                notes.append(note)
+    return EngineSwitch(loop, engine, wanted == "vmap", notes)

@@ -40,12 +40,16 @@ from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from ._batch import Objective, convert_batch, input_targets
+from ._check import Checked, check_targets
 from ._errors import GradcheckWarning
-from ._params import lend_model
+from ._options import CheckOptions
+from ._params import Target, lend_model, select_parameters
 from ._report import _fmt
 from ._state import preserved_global_state, reseed
 
 __all__ = ["Localisation", "SiteVerdict", "localise"]
+
+_CALL = "localise(model, loss_fn, batch)"
 
 MAX_ELEMENTS = 64  # tensors up to this size are checked element by element
 DIRECTIONS = 16  # larger tensors: this many random directions spanning the whole tensor
@@ -348,8 +352,6 @@ def _check(
     directions: int,
     joint: bool = False,
 ) -> SiteVerdict:
-    from ._verify import verify_module  # here: _verify may import this module
-
     start = time.perf_counter()
     name, kind = call.name, type(call.module).__name__
 
@@ -372,23 +374,24 @@ def _check(
     if not probe.checked:
         return verdict("skipped", "no input carries gradient and it has no trainable parameter")
     try:
-        report = verify_module(
-            probe,
-            forward=_probe_loss,
-            batch=None,
-            params=sorted(probe.checked),
-            dtype=dtype,
-            seed=seed,
-            engine=engine,
-            progress=False,
-            mode="full",
-            localise=False,
-        )
+        found = _check_probe(probe, dtype, seed, engine)
     except Exception as exc:  # a site that can't run alone must not hide the main report
         return verdict("error", f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}")
-    wrong = tuple(probe.checked[r.name] for r in report.failures)
-    status = "wrong" if wrong else ("inconclusive" if any(r.status == "inconclusive" for r in report.results) else "ok")
-    return verdict(status, "", passed=not wrong, rel=report.relative_error, wrong=wrong, evaluations=report.evaluations)
+    wrong = tuple(probe.checked[r.name] for r in found.results if not r.passed)
+    status = "wrong" if wrong else ("inconclusive" if any(r.status == "inconclusive" for r in found.results) else "ok")
+    return verdict(status, "", passed=not wrong, rel=found.relative_error, wrong=wrong, evaluations=found.evaluations)
+
+
+def _check_probe(probe: _Probe, dtype: torch.dtype | None, seed: int, engine: str) -> Checked:
+    """One site's own backward, every element (the shared middle, not the public `verify_module`)."""
+    checked, _ = select_parameters(probe, sorted(probe.checked))
+    with preserved_global_state(), lend_model(probe, dtype) as lent:
+        if dtype == torch.float64:
+            torch.set_default_dtype(torch.float64)
+        targets = [Target(name, p.data, kind="parameter", param=p) for name, p in checked]
+        options = CheckOptions(dtype=dtype, mode="full", seed=seed, engine=engine)  # type: ignore[arg-type]
+        options = options.resolve(targets[0].tensor.dtype, targets[0].tensor.device)
+        return check_targets(lent, Objective(None, None, _probe_loss), targets, options, call=_CALL)
 
 
 def _probe_loss(model: nn.Module, _batch: Any) -> torch.Tensor:

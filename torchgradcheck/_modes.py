@@ -16,16 +16,16 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from ._check import Settings, TensorCheck, measure, noise_level, summarise
 from ._directional import narrow, probe, random_directions
 from ._engines import Engine
+from ._measure import Settings, TensorCheck, measure, noise_level, summarise
 from ._noise import NOISE_POINTS
 from ._params import Target
-from ._report import ParameterResult
+from ._report import TensorResult
+from ._types import MODES
 
 __all__ = ["DIRECTIONS", "MODES", "SAMPLED", "TensorJob", "check_tensor", "plan"]
 
-MODES = ("auto", "full", "directional", "sampled")
 DIRECTIONS = 16
 SAMPLED = 32
 TOP_GRADIENTS = 4  # of the sampled elements, this many are the largest |g|
@@ -96,7 +96,7 @@ def _sample(job: TensorJob, generator: torch.Generator) -> torch.Tensor:
 
 def check_tensor(
     engine: Engine, job: TensorJob, loss0: torch.Tensor, floor: float, settings: Settings, generator: torch.Generator
-) -> ParameterResult:
+) -> TensorResult:
     """Check one tensor in its planned mode and summarise it."""
     args = (engine, job.target, job.analytical, loss0, floor, settings, generator)
     if job.mode == "full":

@@ -1,20 +1,112 @@
-"""Validation of the options shared by the verify_* calls: every bad value names itself and the fix."""
+"""The options shared by the verify_* calls: one frozen `CheckOptions`, built and validated by `check_options`.
+
+Every bad value names itself and the fix. Each entry point validates only its own extra options
+(``params=``, ``placement=``, ``second_order=``, ...) and calls `check_options` for the shared ones.
+To add a shared option: a field of `CheckOptions`, a line in `check_options`, a keyword of the
+three ``verify_*`` (passed through), and, if it shows in the report, a key in `CheckOptions.to_dict`.
+"""
 
 from __future__ import annotations
 
 import difflib
 import math
-from collections.abc import Iterable, Sequence
-from typing import Any
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, cast
 
 import torch
 
 from ._compare import DTYPE_DEFAULTS
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
+from ._types import ENGINES, MODES, EngineName, Mode
 
-__all__ = ["ENGINES", "reject_unknown", "resolve_tolerances", "validate_common"]
+__all__ = ["ENGINES", "CheckOptions", "check_options", "reject_unknown", "resolve_tolerances", "validate_common"]
 
-ENGINES = ("auto", "vmap", "loop")
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """The shared options of one check. `Report.options` holds the resolved copy (`resolve`).
+
+    Before `resolve`, ``eps``/``rtol`` may be None (per-dtype default) and ``dtype`` None (keep the
+    tensors' own); after it, they are the values the check used and ``device`` is set.
+    """
+
+    dtype: Any = None  # torch.dtype | None
+    mode: Mode = "auto"
+    budget: float = 3.0
+    seed: int = 0
+    eps: float | None = None
+    rtol: float | None = None
+    atol: float = 0.0
+    engine: EngineName = "auto"
+    progress: bool | None = None
+    device: str = ""
+    extra: tuple[tuple[str, Any], ...] = ()  # an entry point's own facts for the report (ranks=2, split=True)
+
+    def resolve(self, work_dtype: torch.dtype, device: torch.device | str, **extra: Any) -> CheckOptions:
+        """The options as the check ran: per-dtype defaults filled in, the device and extra facts recorded."""
+        dtype = self.dtype or work_dtype
+        eps, rtol = resolve_tolerances(dtype, self.eps, self.rtol)
+        return replace(
+            self, dtype=dtype, eps=eps, rtol=rtol, device=str(device), extra=self.extra + tuple(extra.items())
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly, in the order `str(report)` prints them (``budget`` only where it mattered)."""
+        out: dict[str, Any] = {
+            "dtype": str(self.dtype).replace("torch.", "") if self.dtype is not None else None,
+            "device": self.device,
+            "eps": self.eps,
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "seed": self.seed,
+            "mode": self.mode,
+        }
+        if self.mode == "auto":
+            out["budget"] = self.budget
+        out.update(self.extra)
+        return out
+
+    # Read-only mapping access, so ``report.options["dtype"]`` keeps working.
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        return iter(self.to_dict().items())
+
+
+def check_options(
+    call: str,
+    *,
+    dtype: Any = None,
+    mode: Any = "auto",
+    budget: Any = 3.0,
+    seed: Any = 0,
+    eps: Any = None,
+    rtol: Any = None,
+    atol: Any = 0.0,
+    engine: Any = "auto",
+    progress: Any = None,
+) -> CheckOptions:
+    """THE validation of the shared options; errors start with `call` (the public name, e.g. "verify_module")."""
+    validate_common(call, eps=eps, rtol=rtol, atol=atol, dtype=dtype, seed=seed, engine=engine)
+    if mode not in MODES:
+        raise InvalidArgumentError(f"{call}: unknown mode={mode!r}; valid options are {list(MODES)}.")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise InvalidArgumentError(f"{call}: budget={budget!r} must be a number of seconds > 0.")
+    if progress is not None and not isinstance(progress, bool):
+        raise InvalidArgumentTypeError(f"{call}: progress= must be True, False or None, got {progress!r}.")
+    return CheckOptions(
+        dtype=dtype,
+        mode=cast(Mode, mode),
+        budget=float(budget),
+        seed=seed,
+        eps=None if eps is None else float(eps),
+        rtol=None if rtol is None else float(rtol),
+        atol=float(atol),
+        engine=cast(EngineName, engine),
+        progress=progress,
+    )
 
 
 def reject_unknown(call: str, unknown: dict[str, Any], known: Iterable[str]) -> None:

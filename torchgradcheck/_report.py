@@ -8,14 +8,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._errors import GradientMismatchError
+from ._types import PASSING, Status
 
-__all__ = ["ElementResult", "ParameterResult", "Report"]
+__all__ = ["ElementResult", "ParameterResult", "Report", "TensorResult"]
 
 DETAIL_SHOWN = 3  # worst elements listed per failing tensor ...
 DETAIL_TENSORS = 3  # ... for this many failing tensors, the worst first
 
-# Statuses that pass; every other status fails the check.
-PASSING = ("ok", "zero", "unused", "skipped", "inconclusive")
 
 _CAUSES = """\
 This usually means one of:
@@ -66,12 +65,12 @@ class ElementErrors:
 
 
 @dataclass(frozen=True)
-class ParameterResult:
-    """The verdict for one tensor (a parameter, a batch input, or an input of a function)."""
+class TensorResult:
+    """The verdict for one row: a tensor (parameter, batch input, function input) or an extra check of one."""
 
     name: str
     shape: tuple[int, ...]
-    status: str  # ok | zero | mismatch | no gradient | unused | skipped | inconclusive
+    status: Status  # see `_types.Status`; `passed` is true for the statuses in `_types.PASSING`
     relative_error: float | None = None
     max_abs_error: float | None = None
     checked: int = 0  # elements compared
@@ -95,26 +94,33 @@ class ParameterResult:
         return len(self.not_differentiable)
 
 
+ParameterResult = TensorResult  # the old name, kept as an alias
+
+
 @dataclass(frozen=True, repr=False)
 class Report:
     """Everything a check found. ``str(report)`` is a table; ``report.assert_passed()`` raises on failure."""
 
     call: str
-    results: tuple[ParameterResult, ...]
+    results: tuple[TensorResult, ...]
     relative_error: float
-    options: dict[str, Any] = field(default_factory=dict)
+    # The `_options.CheckOptions` the check ran with (resolved); a plain dict in hand-built reports.
+    options: Any = field(default_factory=dict)
     evaluations: int = 0
     seconds: float = 0.0
     engine: str = "loop"
     notes: tuple[str, ...] = ()
     localisation: Any = None  # a `Localisation` when verify_module looked for the wrong backward
+    # Full sentences about something the user should act on although the verdict stands (the
+    # pytest plugin re-emits them as `GradcheckWarning`). Filled by whichever check finds them.
+    warnings: tuple[str, ...] = ()
 
     @property
     def passed(self) -> bool:
         return all(r.passed for r in self.results)
 
     @property
-    def failures(self) -> tuple[ParameterResult, ...]:
+    def failures(self) -> tuple[TensorResult, ...]:
         return tuple(r for r in self.results if not r.passed)
 
     def __bool__(self) -> bool:  # `assert report` reads naturally; the message is `str(report)`
@@ -133,6 +139,7 @@ class Report:
             return x
 
         out = asdict(self)
+        out["options"] = self.options.to_dict() if hasattr(self.options, "to_dict") else dict(self.options)
         out["passed"] = self.passed
         for res, d in zip(self.results, out["results"]):
             d["passed"] = res.passed
@@ -156,17 +163,22 @@ class Report:
             )
         first = getattr(self.localisation, "first_wrong", None)
         blame = f"; first wrong backward: {first}" if first else ""
-        return f"<Report {self.headline()}{where}{blame}>"
+        text = f"<Report {self.headline()}{where}{blame}>"
+        return text if len(text) <= 240 else text[:236] + "...>"
 
     def headline(self) -> str:
         checked = sum(r.checked for r in self.results)
         tensors = [r for r in self.results if r.status != "skipped"]
         if self.passed:
-            return (
+            ok = (
                 f"{self.call}: OK, {len(tensors)} tensor{'' if len(tensors) == 1 else 's'} "
                 f"({checked:,} elements) agree "
                 f"(relative error {_fmt(self.relative_error)})"
             )
+            if self.warnings:
+                more = f" (+{len(self.warnings) - 1} more)" if len(self.warnings) > 1 else ""
+                ok = ok.replace(": OK,", f": OK — WARNING: {self.warnings[0]}{more};", 1)
+            return ok
         return (
             f"{self.call}: FAILED, gradients disagree for {len(self.failures)} of {len(tensors)} tensors "
             f"(relative error {_fmt(self.relative_error)})"
@@ -233,7 +245,7 @@ class Report:
         parts = [self.headline(), self.table()]
         if self.localisation is not None:
             parts.append(str(self.localisation))
-        parts += [*self.details(), *(f"  note: {n}" for n in self.notes)]
+        parts += [*self.details(), *(f"  WARNING: {w}" for w in self.warnings), *(f"  note: {n}" for n in self.notes)]
         parts.append(
             f"Checked with: {opts} engine={self.engine}; {self.evaluations:,} evaluations in {self.seconds:.2f} s"
         )
@@ -252,5 +264,5 @@ class Report:
         return plot_report(self, path, max_heatmaps=max_heatmaps)
 
 
-for _cls in (ElementResult, ParameterResult, Report):
+for _cls in (ElementResult, TensorResult, Report):
     _cls.__module__ = "torchgradcheck"

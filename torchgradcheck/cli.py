@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ._types import ENGINES, MODES
+
 __all__ = ["main"]
 
 EXIT_ERROR = 2  # not a verdict: bad usage, or the user's code raised
@@ -27,14 +29,14 @@ class _UsageError(Exception):
 
 def _add_check_options(p: argparse.ArgumentParser) -> None:
     """Options shared by the subcommands (and mirrored by the pytest plugin's --gradcheck-*)."""
-    p.add_argument("--engine", choices=["auto", "vmap", "loop"], default=None, help="evaluation engine (auto)")
+    p.add_argument("--engine", choices=ENGINES, default=None, help="evaluation engine (auto)")
     p.add_argument("--seed", type=int, default=None, help="RNG seed set before every evaluation (0)")
     p.add_argument("--eps", type=float, default=None, help="relative finite-difference step (per dtype)")
     p.add_argument("--rtol", type=float, default=None, help="relative floor of the tolerance (per dtype)")
     p.add_argument("--atol", type=float, default=None, help="absolute floor of the tolerance (0)")
     p.add_argument(
         "--mode",
-        choices=["auto", "full", "directional", "sampled"],
+        choices=MODES,
         default=None,
         help="what to check: every element (full), random directions, sampled elements, or auto (default)",
     )

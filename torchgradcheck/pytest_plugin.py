@@ -26,14 +26,14 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ._types import MODES
+
 if TYPE_CHECKING:
     from torch import nn
 
     from ._report import Report
 
 __all__ = ["MODES", "Gradcheck", "gradcheck"]
-
-MODES = ("full", "directional", "sampled", "auto")  # verify_module's mode= (mirrored, to keep torch out)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -64,16 +64,15 @@ def pytest_report_header(config: pytest.Config) -> str | None:
 def _to(tree: Any, device: Any) -> Any:
     """A copy of `tree` with every tensor on `device` (leaves that required grad still do)."""
     import torch
+    import torch.utils._pytree as pytree
 
-    if isinstance(tree, torch.Tensor):
-        moved = tree.detach().to(device)
-        return moved.requires_grad_(tree.requires_grad) if moved.is_floating_point() else moved
-    if isinstance(tree, dict):
-        return {k: _to(v, device) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_to(v, device) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return tree
+    def move(leaf: Any) -> Any:
+        if not isinstance(leaf, torch.Tensor):
+            return leaf
+        moved = leaf.detach().to(device)
+        return moved.requires_grad_(leaf.requires_grad) if moved.is_floating_point() else moved
+
+    return pytree.tree_map(move, tree)
 
 
 @contextlib.contextmanager
@@ -141,6 +140,7 @@ class Gradcheck:
         else:
             with moved_model(model, self.device):
                 report = verify(model, loss_fn, _to(batch, self.device), **options)
+        _warn(report)
         report.assert_passed()
         return report
 
@@ -155,12 +155,23 @@ class Gradcheck:
         __tracebackhide__ = True
         verify = self._verify_function
         if verify is None:
-            from ._function import verify_function as verify
+            from .function import verify_function as verify
         if self.device is not None:
             args, kwargs = _to(args, self.device), _to(kwargs, self.device)
         report = verify(fn, *args, **kwargs)
+        _warn(report)
         report.assert_passed()
         return report
+
+
+def _warn(report: Report) -> None:
+    """Each of ``report.warnings`` as a `GradcheckWarning` (pytest shows them; ``-W error`` fails on them)."""
+    import warnings
+
+    from ._errors import GradcheckWarning
+
+    for text in report.warnings:
+        warnings.warn(f"{report.call}: {text}", GradcheckWarning, stacklevel=3)
 
 
 def _skip_if_unavailable(device: str) -> None:

@@ -6,7 +6,7 @@
   (second derivatives are then skipped with a note, not failed);
 * `judge_directional`: the derivative of a vector function along a direction, element by element,
   against central differences with per-element measured noise and the tolerance model of `_compare`
-  (shared by forward mode here and second order in `_function_second`);
+  (shared by forward mode here and second order in `_second`);
 * `check_forward_mode`: ``jvp`` (forward-mode AD) against the numerical directional derivative;
 * `check_noncontiguous`: the backward on transposed/strided copies of the inputs, judged against the
   numerical gradient already measured (same values, other memory layout: same Jacobian);
@@ -25,11 +25,11 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch.autograd.function import once_differentiable
 
-from ._check import Settings, TensorCheck, summarise
-from ._compare import first_tolerance, judge_second_look
-from ._noise import NOISE_POINTS, noise_per_column, unit_roundoff
-from ._params import Target
-from ._report import ParameterResult
+from .._compare import Judgement, first_tolerance, judge_second_look, refine_failures
+from .._measure import Settings, TensorCheck, summarise
+from .._noise import NOISE_POINTS, noise_per_column, unit_roundoff
+from .._params import Target
+from .._report import TensorResult
 
 __all__ = [
     "Extras",
@@ -53,7 +53,7 @@ _ONCE_CODE = once_differentiable(lambda ctx: None).__code__
 class Extras:
     """What the extra checks need from the first-order check."""
 
-    call: Any  # the `_function._Call` module
+    call: Any  # the `function._verify._Call` module
     cotangents: dict[int, torch.Tensor]
     grads: dict[int, dict[str, torch.Tensor | None]]  # first run: output -> slot key -> flat vjp
     checks: dict[tuple[int, str], TensorCheck]  # first-order outcome per (output, slot key)
@@ -238,7 +238,7 @@ class Directional:
     kind: str
 
 
-def judge_directional(ex: Extras, problem: Directional) -> list[ParameterResult]:
+def judge_directional(ex: Extras, problem: Directional) -> list[TensorResult]:
     """Each element of ``d/dt f(x + t d)`` against central differences, with the tolerance model of `_compare`.
 
     The noise of every element is measured (ECNoise on 9 tiny steps), the first pass uses ``t = +-h``,
@@ -262,32 +262,47 @@ def judge_directional(ex: Extras, problem: Directional) -> list[ParameterResult]
         span = torch.full_like(a, 2 * h)
         numerical = (steps[1][key] - steps[-1][key]) / span
         tol = first_tolerance(numerical, span, sigma, ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
-        bad = ~((a - numerical).abs() <= tol)
-        kink = torch.zeros_like(bad)
-        if bool(bad.any()):
-            w = bad.nonzero().flatten()
-            pts = [steps[-2][key][w], steps[-1][key][w], center[key][w], steps[1][key][w], steps[2][key][w]]
-            wide = (pts[4] - pts[0]) / (4 * h)
-            j = judge_second_look(
-                a[w],
-                numerical[w],
-                span[w] / 2,
-                span[w],
-                torch.stack(pts, 1),
-                wide,
-                sigma[w],
-                ex.settings.rtol,
-                ex.settings.atol,
-            )  # type: ignore[arg-type]
-            numerical, tol = numerical.clone(), tol.clone()
-            numerical[w], tol[w], kink[w] = j.numerical, j.tolerance, j.kink
+
+        look = _second_look(steps, center, key, a, numerical, span, sigma, h, ex.settings)
+        judged = refine_failures(a, numerical, tol, look)
+        numerical, tol, kink = judged.numerical, judged.tolerance, judged.kink
         check = TensorCheck(analytical=a, numerical=numerical, tolerance=tol, kink=kink, sigma=float(sigma.max()))
         target = Target(problem.names[key], center[key].view(problem.shapes[key]), kind=problem.kind)
         rows.append(summarise(target, check, problem.has_grad[key]))
     return rows
 
 
-def check_forward_mode(ex: Extras) -> list[ParameterResult]:
+def _second_look(
+    steps: dict[int, dict[Any, torch.Tensor]],
+    center: dict[Any, torch.Tensor],
+    key: Any,
+    a: torch.Tensor,
+    numerical: torch.Tensor,
+    span: torch.Tensor,
+    sigma: torch.Tensor,
+    h: float,
+    settings: Settings,
+) -> Callable[[torch.Tensor], Judgement]:
+    """The second look of `judge_directional` at rows `w`: the points at ``t = +-2h`` are already evaluated."""
+
+    def look(w: torch.Tensor) -> Judgement:
+        pts = [steps[-2][key][w], steps[-1][key][w], center[key][w], steps[1][key][w], steps[2][key][w]]
+        return judge_second_look(
+            a[w],
+            numerical[w],
+            span[w] / 2,
+            span[w],
+            torch.stack(pts, 1),
+            (pts[4] - pts[0]) / (4 * h),
+            sigma[w],
+            settings.rtol,
+            settings.atol,
+        )
+
+    return look
+
+
+def check_forward_mode(ex: Extras) -> list[TensorResult]:
     """One row per (output, input): ``jvp`` along a random direction vs the numerical directional derivative."""
     call = ex.call
     missing = _defines_no_jvp(call.fn)
@@ -318,7 +333,7 @@ def check_forward_mode(ex: Extras) -> list[ParameterResult]:
             if _own_jvp(call.fn) and not isinstance(exc, NotImplementedError):
                 # the Function's own jvp crashed: that is a finding, never "not available"
                 rows.append(
-                    ParameterResult(
+                    TensorResult(
                         name=f"jvp: w.r.t. {s.name}",
                         shape=tuple(x.shape),
                         status="error",
@@ -368,7 +383,7 @@ def noncontiguous_copy(t: torch.Tensor) -> torch.Tensor | None:
     return out.detach().requires_grad_(True)
 
 
-def check_noncontiguous(ex: Extras) -> list[ParameterResult]:
+def check_noncontiguous(ex: Extras) -> list[TensorResult]:
     """Rerun the backward with non-contiguous copies of every checked input; judge it as the first run."""
     call = ex.call
     values = {key: leaf.detach().clone().requires_grad_(True) for key, leaf in call.leaves().items()}
@@ -387,7 +402,7 @@ def check_noncontiguous(ex: Extras) -> list[ParameterResult]:
     except Exception as exc:  # the point of this check: a backward that can't take strided inputs
         first = (str(exc).splitlines() or [""])[0][:200]
         return [
-            ParameterResult(
+            TensorResult(
                 name=f"non-contiguous: {ex.pair(k, s.name)}",
                 shape=tuple(s.original.shape),
                 status="error",
@@ -412,7 +427,7 @@ def check_noncontiguous(ex: Extras) -> list[ParameterResult]:
 # --------------------------------------------------------------------------------------- determinism
 
 
-def determinism_results(ex: Extras, nondet_tol: float) -> list[ParameterResult]:
+def determinism_results(ex: Extras, nondet_tol: float) -> list[TensorResult]:
     """Run forward and backward again; a row per (output, input) that differs by more than `nondet_tol`."""
     call = ex.call
     values = call.leaves()
@@ -428,7 +443,7 @@ def determinism_results(ex: Extras, nondet_tol: float) -> list[ParameterResult]:
             worst = max(worst, diff)
             if not diff <= nondet_tol:
                 rows.append(
-                    ParameterResult(
+                    TensorResult(
                         name=f"determinism: {ex.pair(k, s.name)}",
                         shape=tuple(s.original.shape),
                         status="nondeterministic",

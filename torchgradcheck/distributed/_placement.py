@@ -29,9 +29,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from ._batch import Objective, input_targets
-from ._check import Settings, TensorCheck, measure, noise_level, summarise
-from ._distributed import (
+from .._batch import Objective, input_targets
+from .._engines import LoopEngine
+from .._errors import InvalidArgumentError, InvalidArgumentTypeError
+from .._measure import Settings, TensorCheck, measure, noise_level, summarise
+from .._params import Lent, Target
+from .._report import TensorResult
+from ._collectives import (
     CALL,
     PLACEMENTS,
     Tick,
@@ -44,10 +48,6 @@ from ._distributed import (
     spread,
     target_generator,
 )
-from ._engines import LoopEngine
-from ._errors import InvalidArgumentError, InvalidArgumentTypeError
-from ._params import Lent, Target
-from ._report import ParameterResult
 
 __all__ = ["LockstepEngine", "measure_agreed", "resolve_placement", "run_lockstep"]
 
@@ -157,7 +157,7 @@ def measure_agreed(
     loss0: torch.Tensor,
     settings: Settings,
 ) -> TensorCheck:
-    """`_check.measure` of a replicated tensor on every rank at once, the second look agreed on.
+    """`_measure.measure` of a replicated tensor on every rank at once, the second look agreed on.
 
     The numerical side is the same on every rank but the analytical one may not be (that is the
     divergence the check reports), so the elements that failed the first pass on ANY rank get the
@@ -187,7 +187,7 @@ def _check_replicated(t: Target, group: Any) -> None:
         )
 
 
-def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float) -> ParameterResult:
+def _merge_replicated(per_rank: list[TensorResult], gap: float, bound: float) -> TensorResult:
     """One result for a replicated tensor: the first failing rank's, or rank 0's; divergence fails it."""
     failing = [(r, res) for r, res in enumerate(per_rank) if not res.passed]
     rank, res = failing[0] if failing else (0, per_rank[0])
@@ -207,7 +207,7 @@ def _merge_replicated(per_rank: list[ParameterResult], gap: float, bound: float)
     return dataclasses.replace(res, status=status, note="; ".join(notes))
 
 
-def _renamed(res: ParameterResult, rank: int) -> ParameterResult:
+def _renamed(res: TensorResult, rank: int) -> TensorResult:
     return dataclasses.replace(res, name=f"rank{rank}:{res.name}")
 
 
@@ -222,9 +222,8 @@ def run_lockstep(
     group: Any,
     notes: list[str],
     tick: Tick,
-) -> tuple[list[ParameterResult], int, float]:
+) -> tuple[list[TensorResult], int, float]:
     """Check a distributed model; returns the merged results, the forwards per rank, the relative error."""
-    rank, size = rank_and_size(group)
     names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
     where = resolve_placement(placement, names)
     if is_ddp and (any(v == "sharded" for v in where.values()) or any(t.kind == "input" for t in targets)):
@@ -236,22 +235,7 @@ def run_lockstep(
         if where[t.name] == "replicated":
             _check_replicated(t, group)
     loss0, grads = analytical(lent, objective, targets, seed)
-    if is_ddp:
-        objective = _MeanOverRanks(objective, group)
-        loss0 = reduced(loss0.reshape(1), dist.ReduceOp.SUM, group)[0] / size
-        notes.append(
-            f"objective: the global loss = mean over {size} ranks of each rank's loss, whose gradient is "
-            "what DDP's averaging all-reduce writes into .grad"
-        )
-    else:
-        gap = float(spread(loss0.reshape(1), group)[0])
-        if gap > same_bound(loss0.reshape(1), loss0.dtype):
-            raise InvalidArgumentError(
-                f"{CALL}: the loss is not replicated: it differs across ranks by {gap:.2e} (rank {rank}: "
-                f"{float(loss0)!r}). The check differentiates the loss every rank agrees on: all-reduce it (e.g. "
-                "reduce the output of the last row-parallel layer); for data parallelism wrap the model in DDP."
-            )
-        notes.append(f"objective: the replicated loss (identical on all {size} ranks, checked at every evaluation)")
+    objective, loss0 = _global_objective(objective, loss0, is_ddp, group, notes)
     sharded = [t.name for t in targets if where[t.name] == "sharded"]
     if sharded:
         notes.append(
@@ -261,41 +245,105 @@ def run_lockstep(
         )
     engine = LockstepEngine(lent, objective, seed, tick, group=group)
     _, nondet = engine.loss_twice()
-
-    local: list[ParameterResult | None] = []
-    gaps: list[tuple[float, float]] = []  # replicated tensors: spread of the gradient across ranks, and its bound
-    sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
-    message = None
+    state = _Lockstep(engine, loss0, nondet, settings, seed, group)
     for k, t in enumerate(targets):
-        g = grads[t.name]
+        state.check(k, t, grads[t.name], where[t.name] == "replicated")
+    agree_on_errors(state.message, group)
+    _check_drift(engine, targets, group)
+    return _gather(state, targets, where, group), engine.evaluations, state.overall()
+
+
+def _global_objective(
+    objective: Objective, loss0: torch.Tensor, is_ddp: bool, group: Any, notes: list[str]
+) -> tuple[Objective, torch.Tensor]:
+    """The loss every rank differentiates: DDP's mean over ranks, else the (checked) replicated loss."""
+    rank, size = rank_and_size(group)
+    if is_ddp:
+        notes.append(
+            f"objective: the global loss = mean over {size} ranks of each rank's loss, whose gradient is "
+            "what DDP's averaging all-reduce writes into .grad"
+        )
+        return _MeanOverRanks(objective, group), reduced(loss0.reshape(1), dist.ReduceOp.SUM, group)[0] / size
+    gap = float(spread(loss0.reshape(1), group)[0])
+    if gap > same_bound(loss0.reshape(1), loss0.dtype):
+        raise InvalidArgumentError(
+            f"{CALL}: the loss is not replicated: it differs across ranks by {gap:.2e} (rank {rank}: "
+            f"{float(loss0)!r}). The check differentiates the loss every rank agrees on: all-reduce it (e.g. "
+            "reduce the output of the last row-parallel layer); for data parallelism wrap the model in DDP."
+        )
+    notes.append(f"objective: the replicated loss (identical on all {size} ranks, checked at every evaluation)")
+    return objective, loss0
+
+
+class _Lockstep:
+    """The per-target part of `run_lockstep`: this rank's results, the gaps, the error sums."""
+
+    def __init__(
+        self, engine: LockstepEngine, loss0: torch.Tensor, nondet: float, settings: Settings, seed: int, group: Any
+    ) -> None:
+        self.engine, self.loss0, self.nondet, self.settings, self.seed, self.group = (
+            engine,
+            loss0,
+            nondet,
+            settings,
+            seed,
+            group,
+        )
+        self.rank, self.size = rank_and_size(group)
+        self.local: list[TensorResult | None] = []
+        self.gaps: list[tuple[float, float]] = []  # replicated: spread of the gradient across ranks, its bound
+        self.sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
+        self.message: str | None = None
+
+    def check(self, k: int, t: Target, g: torch.Tensor | None, replicated: bool) -> None:
         a = g if g is not None else torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
-        check: TensorCheck | None = None
-        if where[t.name] == "replicated":
-            engine.owner = None
-            sigma = noise_level(engine, t, loss0, nondet, target_generator(seed, k))
-            check = measure_agreed(engine, t, a, sigma, loss0, settings)
-            scale = reduced(a.abs().max().reshape(1), dist.ReduceOp.MAX, group) if a.numel() else torch.zeros(1)
-            gaps.append((float(spread(a, group).max()) if a.numel() else 0.0, same_bound(scale, t.tensor.dtype)))
+        if replicated:
+            check: TensorCheck | None = self._replicated(k, t, a)
         else:
-            gaps.append((0.0, 0.0))
-            for owner in range(size):
-                engine.owner = owner
-                if owner != rank:
-                    engine.follow(owner)
-                    continue
-                try:
-                    check = measure(engine, t, a, loss0, nondet, settings, target_generator(seed, k))
-                except Exception as exc:  # agreed on after the loop; the followers are released first
-                    message = message or f"{t.name}: {type(exc).__name__}: {exc}"
-                finally:
-                    engine.finish()
-            engine.owner = None
-        local.append(None if check is None else summarise(t, check, g is not None))
-        if check is not None and (where[t.name] == "sharded" or rank == 0):
+            self.gaps.append((0.0, 0.0))
+            check = self._sharded(k, t, a)
+        self.local.append(None if check is None else summarise(t, check, g is not None))
+        if check is not None and (not replicated or self.rank == 0):
             keep = ~check.kink
             a_, n_ = check.analytical[keep].cpu(), check.numerical[keep].cpu()
-            sums += torch.stack([((a_ - n_) ** 2).sum(), (a_**2).sum(), (n_**2).sum()])
-    agree_on_errors(message, group)
+            self.sums += torch.stack([((a_ - n_) ** 2).sum(), (a_**2).sum(), (n_**2).sum()])
+
+    def _replicated(self, k: int, t: Target, a: torch.Tensor) -> TensorCheck:
+        engine, group = self.engine, self.group
+        engine.owner = None
+        sigma = noise_level(engine, t, self.loss0, self.nondet, target_generator(self.seed, k))
+        check = measure_agreed(engine, t, a, sigma, self.loss0, self.settings)
+        scale = reduced(a.abs().max().reshape(1), dist.ReduceOp.MAX, group) if a.numel() else torch.zeros(1)
+        self.gaps.append((float(spread(a, group).max()) if a.numel() else 0.0, same_bound(scale, t.tensor.dtype)))
+        return check
+
+    def _sharded(self, k: int, t: Target, a: torch.Tensor) -> TensorCheck | None:
+        """Each owner rank in turn perturbs its shard while the others follow its evaluations."""
+        engine = self.engine
+        check = None
+        for owner in range(self.size):
+            engine.owner = owner
+            if owner != self.rank:
+                engine.follow(owner)
+                continue
+            try:
+                generator = target_generator(self.seed, k)
+                check = measure(engine, t, a, self.loss0, self.nondet, self.settings, generator)
+            except Exception as exc:  # agreed on after the loop; the followers are released first
+                self.message = self.message or f"{t.name}: {type(exc).__name__}: {exc}"
+            finally:
+                engine.finish()
+        engine.owner = None
+        return check
+
+    def overall(self) -> float:
+        total = reduced(self.sums, dist.ReduceOp.SUM, self.group)
+        denom = math.sqrt(float(total[1])) + math.sqrt(float(total[2]))
+        return 0.0 if denom == 0.0 else math.sqrt(float(total[0])) / denom
+
+
+def _check_drift(engine: LockstepEngine, targets: list[Target], group: Any) -> None:
+    """Every evaluation's loss must be the same on every rank (a perturbation reached every rank's loss)."""
     values = torch.cat(engine.values)
     drift = float(spread(values, group).max())
     if drift > same_bound(values, targets[0].tensor.dtype if targets else torch.float64):
@@ -304,15 +352,17 @@ def run_lockstep(
             f"{drift:.2e}; a perturbation of one rank's shard must reach every rank's loss (a missing all-reduce "
             "in the forward?), or declare the tensor's placement correctly."
         )
+
+
+def _gather(state: _Lockstep, targets: list[Target], where: dict[str, str], group: Any) -> list[TensorResult]:
+    """Every rank's rows on every rank: replicated tensors merged into one row, sharded ones per rank."""
+    size = state.size
     gathered: list[Any] = [None] * size
-    dist.all_gather_object(gathered, local, group=group)
-    results: list[ParameterResult] = []
+    dist.all_gather_object(gathered, state.local, group=group)
+    results: list[TensorResult] = []
     for k, t in enumerate(targets):
         if where[t.name] == "replicated":
-            results.append(_merge_replicated([gathered[r][k] for r in range(size)], *gaps[k]))
+            results.append(_merge_replicated([gathered[r][k] for r in range(size)], *state.gaps[k]))
         else:
             results += [_renamed(gathered[r][k], r) for r in range(size)]
-    total = reduced(sums, dist.ReduceOp.SUM, group)
-    denom = math.sqrt(float(total[1])) + math.sqrt(float(total[2]))
-    overall = 0.0 if denom == 0.0 else math.sqrt(float(total[0])) / denom
-    return results, engine.evaluations, overall
+    return results

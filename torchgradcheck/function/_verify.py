@@ -10,14 +10,14 @@ The callable becomes a small private module so the `verify_module` engine can ru
   ``objective_k = sum(v_k * out_k)``, and checked as a loss: its gradient is the vector-Jacobian
   product ``J_k^T v_k``, so one backward per output covers the whole Jacobian at a cost linear in the
   input size, and a backward that ignores (or mis-scales) one output's gradient is caught;
-* ``_params.lend_model`` / ``_engines`` / ``_check.measure`` / ``_check.summarise`` then do what they
-  do for `verify_module`, with the same tolerance model, and produce one `ParameterResult` per
+* ``_params.lend_model`` / ``_engines`` / ``_measure.measure`` / ``_measure.summarise`` then do what they
+  do for `verify_module`, with the same tolerance model, and produce one `TensorResult` per
   (output, input) pair, named like ``grad of output 1 w.r.t. w``.
 
-The extra checks live in `_function_extras` (forward mode, non-contiguous inputs, determinism, the
-dtype/shape/device of what ``backward`` returns) and `_function_second` (second derivatives).
+The extra checks live in `_extras` (forward mode, non-contiguous inputs, determinism, the
+dtype/shape/device of what ``backward`` returns) and `_second` (second derivatives).
 Old-style Functions (``forward(ctx, ...)``) can't run under vmap: as in `verify_module`, the engine
-falls back to the loop (`_verify._vmap_agrees` decides) and says so in a note.
+falls back to the loop (`_engines.choose_engine` decides) and says so in a note.
 """
 
 from __future__ import annotations
@@ -30,14 +30,21 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils._pytree as pytree
 from torch import nn
 
-from ._batch import Objective
-from ._check import Settings, measure, summarise
-from ._compare import relative_error
-from ._engines import Engine, LoopEngine, VmapEngine
-from ._errors import InvalidArgumentError, InvalidArgumentTypeError
-from ._function_extras import (
+from .._batch import Objective
+from .._compare import relative_error
+from .._engines import EngineSwitch, LoopEngine, choose_engine
+from .._errors import InvalidArgumentError, InvalidArgumentTypeError
+from .._measure import Settings, measure, summarise
+from .._noise import NOISE_POINTS
+from .._options import CheckOptions, check_options
+from .._params import Lent, Target, lend_model
+from .._progress import progress_bar
+from .._report import Report, TensorResult
+from .._state import preserved_global_state, reseed
+from ._extras import (
     Extras,
     check_forward_mode,
     check_noncontiguous,
@@ -47,19 +54,15 @@ from ._function_extras import (
     spy_backward,
     vjp_at,
 )
-from ._function_second import check_second_order
-from ._noise import NOISE_POINTS, unit_roundoff
-from ._options import resolve_tolerances, validate_common
-from ._params import Lent, Target, lend_model
-from ._progress import progress_bar
-from ._report import ParameterResult, Report
-from ._state import preserved_global_state, reseed
-from ._verify import _vmap_agrees
+from ._second import check_second_order
 
 __all__ = ["verify_function"]
 
 _CALL = "verify_function(fn, *args, **kwargs)"
 OPTIONS = (
+    "dtype",
+    "mode",
+    "budget",
     "eps",
     "rtol",
     "atol",
@@ -72,6 +75,7 @@ OPTIONS = (
     "progress",
 )
 DTYPE = torch.float64
+_EXPANDED = "its elements were checked as independent values of a contiguous copy"
 _STREAM = 0x5DEECE66D  # offsets the seed of the random cotangents (see _run)
 
 
@@ -86,14 +90,8 @@ class _Slot:
 
 
 def _fill(tree: Any, values: dict[str, torch.Tensor]) -> Any:
-    if isinstance(tree, _Slot):
-        return values[tree.key]
-    if isinstance(tree, dict):
-        return {k: _fill(v, values) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_fill(v, values) for v in tree]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
-    return tree
+    """`tree` with every `_Slot` replaced by its value."""
+    return pytree.tree_map(lambda leaf: values[leaf.key] if isinstance(leaf, _Slot) else leaf, tree)
 
 
 class _Call(nn.Module):
@@ -187,40 +185,31 @@ def _reject_typos(fn: Callable[..., Any], kwargs: dict) -> None:
 
 def _convert(tree: Any, name: str, slots: list[_Slot]) -> Any:
     """Checked tensors become `_Slot`s; other floating tensors float64 copies; anything else unchanged."""
-    if isinstance(tree, torch.Tensor):
-        if tree.requires_grad and tree.is_complex():
-            raise InvalidArgumentError(f"{_CALL}: {name} is complex; complex inputs are not supported yet.")
-        if tree.requires_grad and tree.is_floating_point():
-            if not bool(torch.isfinite(tree.detach()).all()):
-                raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
-            expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
-            slots.append(_Slot(f"in{len(slots)}", name, tree, expanded))
-            return slots[-1]
-        if tree.is_floating_point():
-            return tree.detach().to(DTYPE, copy=True)
+    return pytree.tree_map_with_path(lambda key, leaf: _convert_leaf(leaf, name + pytree.keystr(key), slots), tree)
+
+
+def _convert_leaf(tree: Any, name: str, slots: list[_Slot]) -> Any:
+    if not isinstance(tree, torch.Tensor):
         return tree
-    if isinstance(tree, dict):
-        return {k: _convert(v, f"{name}[{k!r}]", slots) for k, v in tree.items()}
-    if isinstance(tree, (tuple, list)):
-        items = [_convert(v, f"{name}[{i}]", slots) for i, v in enumerate(tree)]
-        return type(tree)(*items) if hasattr(tree, "_fields") else type(tree)(items)
+    if tree.requires_grad and tree.is_complex():
+        raise InvalidArgumentError(f"{_CALL}: {name} is complex; complex inputs are not supported yet.")
+    if tree.requires_grad and tree.is_floating_point():
+        if not bool(torch.isfinite(tree.detach()).all()):
+            raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
+        expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
+        slots.append(_Slot(f"in{len(slots)}", name, tree, expanded))
+        return slots[-1]
+    if tree.is_floating_point():
+        return tree.detach().to(DTYPE, copy=True)
     return tree
 
 
 def _validate(fn: Any, args: tuple, kwargs: dict, options: dict[str, Any]) -> None:
+    """The options of verify_function only; the shared ones are `check_options`'s."""
     if not callable(fn):
         raise InvalidArgumentTypeError(
             f"{_CALL}: fn must be callable (e.g. MyFunction.apply) but got fn={fn!r} (type={type(fn).__name__})."
         )
-    validate_common(
-        "verify_function",
-        eps=options["eps"],
-        rtol=options["rtol"],
-        atol=options["atol"],
-        dtype=DTYPE,
-        seed=options["seed"],
-        engine=options["engine"],
-    )
     for flag in ("second_order", "forward_mode", "noncontiguous"):
         if not isinstance(options[flag], bool):
             raise InvalidArgumentTypeError(f"{_CALL}: {flag}= must be True or False, got {options[flag]!r}.")
@@ -230,10 +219,27 @@ def _validate(fn: Any, args: tuple, kwargs: dict, options: dict[str, Any]) -> No
     _reject_typos(fn, kwargs)
 
 
+def _supported(shared: CheckOptions) -> None:
+    """The shared options verify_function cannot honour yet are refused by name (never ignored)."""
+    if shared.dtype != DTYPE:
+        raise InvalidArgumentError(
+            f"verify_function: dtype={shared.dtype!r} is not supported yet: functions are checked in float64; "
+            "leave dtype at its default."
+        )
+    if shared.mode not in ("auto", "full"):
+        raise InvalidArgumentError(
+            f"verify_function: mode={shared.mode!r} is not supported yet: every input element is checked; "
+            "use mode='auto' or mode='full'."
+        )
+
+
 def verify_function(
     fn: Callable[..., Any],
     /,
     *args: Any,
+    dtype: torch.dtype | None = torch.float64,
+    mode: str = "auto",
+    budget: float = 3.0,
     eps: float | None = None,
     rtol: float | None = None,
     atol: float = 0.0,
@@ -265,6 +271,11 @@ def verify_function(
 
     Args:
         fn: any callable of tensors: ``MyFunction.apply``, a function built on one, a module.
+        dtype: checking precision: float64 (the only one supported so far; None is refused until
+            checks in the inputs' own dtype land).
+        mode: "auto" or "full": every element of every input (the first-order rows). "directional"
+            and "sampled" are not supported by verify_function yet and are refused.
+        budget: seconds "auto" may plan for (accepted for symmetry with verify_module).
         *args: positional arguments of ``fn``. Tensors with ``requires_grad=True`` (top level or in
             tuples/lists/dicts) are checked, as float64 copies; other floating tensors are passed as
             float64 copies; integer tensors and non-tensors unchanged. The caller's tensors are never
@@ -283,7 +294,7 @@ def verify_function(
         **kwargs: keyword arguments of ``fn``, treated like ``args``.
 
     Returns:
-        A `Report` (``call="verify_function"``): one `ParameterResult` per (output, input) pair named
+        A `Report` (``call="verify_function"``): one `TensorResult` per (output, input) pair named
         ``grad of output 1 w.r.t. w`` (``grad w.r.t. w`` for a single output), then the rows of the
         extra checks (``2nd order: ...``, ``jvp of ...``, ``non-contiguous: ...``, ``determinism: ...``).
 
@@ -304,13 +315,23 @@ def verify_function(
         True
     """
     start = time.perf_counter()
+    if not callable(fn):
+        _validate(fn, args, kwargs, {})
+    shared = check_options(
+        "verify_function",
+        dtype=dtype,
+        mode=mode,
+        budget=budget,
+        seed=seed,
+        eps=eps,
+        rtol=rtol,
+        atol=atol,
+        engine=engine,
+        progress=progress,
+    )
+    _supported(shared)
     options = {
-        "eps": eps,
-        "rtol": rtol,
-        "atol": atol,
         "nondet_tol": nondet_tol,
-        "seed": seed,
-        "engine": engine,
         "second_order": second_order,
         "forward_mode": forward_mode,
         "noncontiguous": noncontiguous,
@@ -326,11 +347,10 @@ def verify_function(
             "with x.requires_grad_() (integer tensors and tensors without requires_grad are passed through)."
         )
     call = _Call(fn, conv_args, conv_kwargs, slots)
-    eps_, rtol_ = resolve_tolerances(DTYPE, eps, rtol)
-    settings = Settings(eps=eps_, rtol=rtol_, atol=float(atol))
+    resolved = shared.resolve(DTYPE, slots[0].original.device)
     with preserved_global_state(), lend_model(call, DTYPE) as lent:
         torch.set_default_dtype(DTYPE)
-        return _run(call, lent, settings, options, progress, start)
+        return _run(call, lent, resolved, options, start)
 
 
 def _objective(k: int, v: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
@@ -365,36 +385,9 @@ def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]
     return raw, outs
 
 
-def _pick_engine(
-    lent: Lent,
-    objective: Objective,
-    target: Target,
-    seed: int,
-    tick: Any,
-    wanted: str,
-    loss0: torch.Tensor,
-    nondet: float,
-    loop: LoopEngine,
-    notes: list[str],
-) -> Engine:
-    """vmap if it runs ``fn`` and reproduces the plain loss (as in `verify_module`), else the loop."""
-    if wanted == "loop":
-        return loop
-    vm = VmapEngine(lent, objective, seed, tick)
-    why = _vmap_agrees(vm, target, loss0, 1e4 * unit_roundoff(DTYPE) * abs(float(loss0)) + 10 * nondet)
-    if why is None:
-        return vm
-    if wanted == "vmap":
-        raise InvalidArgumentError(f"{_CALL}: engine='vmap' is not usable here: {why}; use engine='auto'.")
-    note = f"engine: loop, because {why}"
-    if note not in notes:
-        notes.append(note)
-    return loop
-
-
 def _bad_returns(
-    found: dict[str, tuple[str, str]], results: list[ParameterResult], pairs: list[tuple[int, str]], slots: list[_Slot]
-) -> list[ParameterResult]:
+    found: dict[str, tuple[str, str]], results: list[TensorResult], pairs: list[tuple[int, str]], slots: list[_Slot]
+) -> list[TensorResult]:
     """Mark the rows of inputs whose gradient ``backward`` returned with a wrong dtype/shape/device.
 
     A wrong gradient returned by a Function deeper inside ``fn`` (not straight to a checked input)
@@ -410,7 +403,7 @@ def _bad_returns(
     keys = {s.key for s in slots}
     for key, (status, note) in found.items():
         if key not in keys:
-            out.append(ParameterResult(name=f"returned by {key}", shape=(), status=status, kind="input", note=note))
+            out.append(TensorResult(name=f"returned by {key}", shape=(), status=status, kind="input", note=note))
     return out
 
 
@@ -423,7 +416,7 @@ def _raised_report(call: _Call, found: dict[str, tuple[str, str]], exc: Exceptio
         else:
             status, note = "skipped", "not checked: the backward raised (see the other rows)"
         rows.append(
-            ParameterResult(
+            TensorResult(
                 name=f"grad w.r.t. {s.name}", shape=tuple(s.original.shape), status=status, kind="input", note=note
             )
         )
@@ -433,19 +426,19 @@ def _raised_report(call: _Call, found: dict[str, tuple[str, str]], exc: Exceptio
         call="verify_function",
         results=tuple(rows),
         relative_error=float("nan"),
-        options={"dtype": "float64"},
+        options=CheckOptions(dtype=DTYPE, mode="full", device=str(call.slots[0].original.device)),
         seconds=time.perf_counter() - start,
         notes=(f"autograd raised {type(exc).__name__}: {first}",),
     )
 
 
-def _extra_checks(ex: Extras, options: dict[str, Any], first_ok: bool) -> list[ParameterResult]:
+def _extra_checks(ex: Extras, options: dict[str, Any], first_ok: bool) -> list[TensorResult]:
     """Second order, forward mode, non-contiguous inputs, in this order (determinism comes last, in `_run`).
 
     Second order and non-contiguous inputs are judged against the first derivatives, so they only run
     when those pass: a wrong gradient is reported once, as itself.
     """
-    rows: list[ParameterResult] = []
+    rows: list[TensorResult] = []
     failing = "not checked, because the first derivatives already disagree"
     if not options["second_order"]:
         ex.notes.append("second order: off (second_order=False)")
@@ -473,10 +466,9 @@ def _extra_checks(ex: Extras, options: dict[str, Any], first_ok: bool) -> list[P
     return rows
 
 
-def _run(
-    call: _Call, lent: Lent, settings: Settings, options: dict[str, Any], progress: bool | None, start: float
-) -> Report:
-    seed = options["seed"]
+def _run(call: _Call, lent: Lent, shared: CheckOptions, options: dict[str, Any], start: float) -> Report:
+    seed = shared.seed
+    settings = Settings(eps=float(shared.eps or 0), rtol=float(shared.rtol or 0), atol=shared.atol)
     object.__setattr__(call, "reset_buffers", lent.reset_buffers)
     # Not torch.manual_seed(seed)'s stream: a caller who drew x with seed 0 would get v == x, and a
     # transposed gradient of sum(v * (x @ w.T)) (x.T v instead of v.T x) would then go unnoticed.
@@ -500,17 +492,8 @@ def _run(
             raise
         return _raised_report(call, found, exc, start)
     torch.set_grad_enabled(False)
-    notes = [
-        f"{s.name} is an expanded tensor (overlapping memory): its elements were checked as independent "
-        "values of a contiguous copy"
-        for s in call.slots
-        if s.expanded
-    ]
-    results: list[ParameterResult] = []
-    pairs: list[tuple[int, str]] = []
+    notes = [f"{s.name} is an expanded tensor (overlapping memory): {_EXPANDED}" for s in call.slots if s.expanded]
     checks: dict[tuple[int, str], Any] = {}
-    evaluations = 0
-    engines = set()
     ex = Extras(
         call=call,
         cotangents=cotangents,
@@ -522,63 +505,66 @@ def _run(
         several=several,
         notes=notes,
     )
+    engines: set[str] = set()
     total = sum(len(cotangents) * (2 * s.original.numel() + NOISE_POINTS) for s in call.slots)
-    with progress_bar(total, progress, "verify_function") as bar:
-        tick = bar.update
-        for k, v in cotangents.items():
-            objective = Objective(None, None, _objective(k, v))
-            loop = LoopEngine(lent, objective, seed, tick)
-            _, nondet = loop.loss_twice()
-            if nondet > 0:
-                notes.append(
-                    f"the forward of {ex.output(k)} is nondeterministic: two identical evaluations "
-                    f"differ by {nondet:.2e}; tolerances widened by this noise"
-                )
-            for s in call.slots:
-                param = getattr(call, s.key)
-                target = Target(s.key, param.data, kind="parameter", param=param)
-                engine = _pick_engine(
-                    lent, objective, target, seed, tick, options["engine"], losses[k], nondet, loop, notes
-                )
-                a = grads[k][s.key]
-                flat = torch.zeros(param.numel(), dtype=DTYPE, device=param.device) if a is None else a
-                try:
-                    check = measure(engine, target, flat, losses[k], nondet, settings, generator)
-                except Exception as exc:  # vmap ran the unperturbed point but not a perturbed one
-                    if engine is loop or options["engine"] == "vmap":
-                        raise
-                    notes.append(f"engine: loop for {s.name}, because vmap failed ({type(exc).__name__})")
-                    engine = loop
-                    check = measure(engine, target, flat, losses[k], nondet, settings, generator)
-                checks[(k, s.key)] = check
-                if engine is not loop:
-                    evaluations += engine.evaluations
-                engines.add(engine.name)
-                res = summarise(target, check, a is not None)
-                results.append(dataclasses.replace(res, name=ex.pair(k, s.name), kind="input"))
-                pairs.append((k, s.key))
-            evaluations += loop.evaluations
+    with progress_bar(total, shared.progress, "verify_function") as bar:
+        results, pairs, evaluations = _first_order(ex, lent, losses, shared, bar.update, engines)
     results = _bad_returns(found, results, pairs, call.slots)
     results += _extra_checks(ex, options, all(r.passed for r in results))
     results += determinism_results(ex, options["nondet_tol"])
     kept = [(c.analytical[~c.kink], c.numerical[~c.kink]) for c in checks.values()]
     overall = relative_error(torch.cat([a for a, _ in kept]), torch.cat([n for _, n in kept]))
-    opts = {
-        "dtype": "float64",
-        "device": str(call.slots[0].original.device),
-        "eps": settings.eps,
-        "rtol": settings.rtol,
-        "atol": settings.atol,
-        "seed": seed,
-        "mode": "full",
-    }
     return Report(
         call="verify_function",
         results=tuple(results),
         relative_error=overall,
-        options=opts,
+        options=dataclasses.replace(shared, mode="full"),
         evaluations=evaluations + ex.evaluations,
         seconds=time.perf_counter() - start,
         engine="vmap" if engines == {"vmap"} else "loop",
         notes=tuple(notes),
     )
+
+
+def _first_order(
+    ex: Extras, lent: Lent, losses: dict[int, torch.Tensor], shared: CheckOptions, tick: Any, engines: set[str]
+) -> tuple[list[TensorResult], list[tuple[int, str]], int]:
+    """Every (output, input) pair's vector-Jacobian product against central differences, in float64.
+
+    Fills ``ex.checks`` (the raw outcome, which the extra checks reuse) and `engines` (names used);
+    returns the rows, their (output, slot key) pairs and the evaluations spent.
+    """
+    call, settings, generator = ex.call, ex.settings, ex.generator
+    results: list[TensorResult] = []
+    pairs: list[tuple[int, str]] = []
+    evaluations = 0
+    for k, v in ex.cotangents.items():
+        objective = Objective(None, None, _objective(k, v))
+        loop = LoopEngine(lent, objective, ex.seed, tick)
+        _, nondet = loop.loss_twice()
+        if nondet > 0:
+            ex.notes.append(
+                f"the forward of {ex.output(k)} is nondeterministic: two identical evaluations "
+                f"differ by {nondet:.2e}; tolerances widened by this noise"
+            )
+        for s in call.slots:
+            param = getattr(call, s.key)
+            target = Target(s.key, param.data, kind="parameter", param=param)
+            switch: EngineSwitch = choose_engine(_CALL, loop, target, losses[k], nondet, shared.engine, ex.notes)
+            a = ex.grads[k][s.key]
+            flat = torch.zeros(param.numel(), dtype=DTYPE, device=param.device) if a is None else a
+            check = switch.run(
+                s.name,
+                lambda e, target=target, flat=flat, k=k, nondet=nondet: measure(
+                    e, target, flat, losses[k], nondet, settings, generator
+                ),
+            )
+            ex.checks[(k, s.key)] = check
+            if switch.engine is not loop:
+                evaluations += switch.engine.evaluations
+            engines.add(switch.name)
+            res = summarise(target, check, a is not None)
+            results.append(dataclasses.replace(res, name=ex.pair(k, s.name), kind="input"))
+            pairs.append((k, s.key))
+        evaluations += loop.evaluations
+    return results, pairs, evaluations

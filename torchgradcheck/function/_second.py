@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from ._function_extras import DTYPE, Directional, Extras, direction, float_outputs, judge_directional
-from ._report import ParameterResult
+from .._report import TensorResult
+from ._extras import DTYPE, Directional, Extras, direction, float_outputs, judge_directional
 
 __all__ = ["check_second_order"]
 
@@ -49,13 +49,13 @@ def _backward_at(
         return dict(zip(keys, got))
 
 
-def check_second_order(ex: Extras) -> list[ParameterResult]:
+def check_second_order(ex: Extras) -> list[TensorResult]:
     """One row per (output, input): the double backward along a random direction vs finite differences."""
     call = ex.call
     base = {key: leaf.detach() for key, leaf in call.leaves().items()}
     d = {key: direction(x, ex.generator) for key, x in base.items()}
     shapes = {s.key: tuple(s.original.shape) for s in call.slots}
-    rows: list[ParameterResult] = []
+    rows: list[TensorResult] = []
     for k, v in ex.cotangents.items():
         leaves = {key: x.clone().requires_grad_(True) for key, x in base.items()}
         g = _backward_at(call, leaves, k, v, ex.seed, create_graph=True)

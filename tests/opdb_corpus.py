@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -53,7 +54,9 @@ def load_ops() -> list[Any]:
     (`frozen_flags`) runs under them.
     """
     was = torch.backends.flags_frozen()
-    from torch.testing._internal.common_methods_invocations import op_db
+    with warnings.catch_warnings():  # the harness's own import chatter ("Fail to import hypothesis ...")
+        warnings.simplefilter("ignore")
+        from torch.testing._internal.common_methods_invocations import op_db
 
     _set_flags_frozen(was)
     return [

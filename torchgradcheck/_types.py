@@ -25,10 +25,13 @@ Status = Literal[
     "wrong dtype",  # backward returned a gradient of the wrong dtype
     "wrong shape",  # ... of the wrong shape
     "wrong device",  # ... on the wrong device
+    "backward not repeatable",  # a second backward through the same graph gives other gradients
+    "unavailable",  # a derivative the check needs can't be computed (e.g. no double backward)
+    "warning",  # an extra check (second order) failed, reported as a warning: the verdict stands
 ]
 STATUSES: tuple[str, ...] = get_args(Status)
 # Statuses that pass; every other status fails the check.
-PASSING: tuple[str, ...] = ("ok", "zero", "unused", "skipped", "inconclusive")
+PASSING: tuple[str, ...] = ("ok", "zero", "unused", "skipped", "inconclusive", "warning")
 
 Mode = Literal["auto", "full", "directional", "sampled"]
 MODES: tuple[str, ...] = get_args(Mode)

@@ -24,6 +24,7 @@ __all__ = [
     "TorchGradcheckError",
     "__version__",
     "plot_step_sweep",
+    "verify_batch_independence",
     "verify_distributed",
     "verify_function",
     "verify_module",
@@ -43,12 +44,14 @@ _WHERE = {
     "Localisation": "._localise",
     "SiteVerdict": "._localise",
     "plot_step_sweep": "._sweep",
+    "verify_batch_independence": "._batch_independence",
     "verify_distributed": ".distributed",
     "verify_function": ".function",
     "verify_module": "._verify",
 }
 
 if TYPE_CHECKING:
+    from ._batch_independence import verify_batch_independence
     from ._errors import (
         GradcheckWarning,
         GradientMismatchError,

@@ -92,6 +92,9 @@ class Objective:
         self.loss_fn = loss_fn
         self.batch = batch
         self.forward = forward
+        # The loss differentiates inside (torch.autograd.grad(..., create_graph=True), as physics-informed
+        # and gradient-penalty losses do): every evaluation then runs with grad enabled.
+        self.needs_grad = False
         if forward is None and batch is None:
             raise BatchError("no batch was given (batch=None); pass the model's inputs, e.g. (x, y) or x")
         if forward is None and isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):

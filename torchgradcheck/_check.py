@@ -19,7 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._accumulation import AccumulationVerdict, apply_accumulation, check_accumulation
 from ._batch import BatchError, Objective, check_loss, convert_batch, module_is_lazy
+from ._compare import DTYPE_DEFAULTS
 from ._engines import EngineSwitch, LoopEngine, choose_engine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._measure import Settings
@@ -33,6 +35,8 @@ __all__ = ["Checked", "analytical", "check_module_call", "check_targets", "overa
 
 # What torch says when a kernel rejects the dtype it was given ("expected scalar type Float but found Double").
 _DTYPE_ERROR = re.compile(r"(?i)double|float64|dtype|scalar type")
+# What torch.autograd.grad says when the loss that calls it runs under no_grad.
+_NEEDS_GRAD = re.compile(r"does not require grad|does not have a grad_fn|differentiated Tensors")
 Tick = Callable[[int], None]
 
 
@@ -64,14 +68,17 @@ def check_targets(
     *,
     call: str,
     grow: Tick = _noop,
+    accumulation: bool = False,
 ) -> Checked:
     """Check every target of a lent model in its planned mode; errors name `call`.
 
     `options` must be resolved (`CheckOptions.resolve`: eps and rtol set). `tick(n)` reports finished
     evaluations; `grow(n)` adds planned work to a progress bar (the plan is known only after the noise).
+    `accumulation`: also run one more backward and check that ``.grad`` accumulates (`_accumulation`).
     """
-    loss0, grads = analytical(lent, objective, targets, options.seed, call)
     notes: list[str] = []
+    second: dict[str, AccumulationVerdict] | None = {} if accumulation else None
+    loss0, grads = analytical(lent, objective, targets, options.seed, call, accumulation=second, notes=notes)
     jobs = []
     for t in targets:
         a = grads[t.name]
@@ -88,6 +95,8 @@ def check_targets(
         engines.run(job.target.name, lambda e, job=job: check_tensor(e, job, loss0, nondet, settings, generator))
         for job in jobs
     ]
+    if second:
+        results = [apply_accumulation(r, second.get(r.name)) for r in results]
     return Checked(results, engines.evaluations, engines.name, loss0, notes)
 
 
@@ -102,7 +111,19 @@ def start_engines(
 ) -> tuple[EngineSwitch, float]:
     """The loop engine, the forward's nondeterminism (two identical evaluations), and the engine policy."""
     loop = LoopEngine(lent, objective, options.seed, tick)
-    loss_again, nondet = loop.loss_twice()
+    try:
+        loss_again, nondet = loop.loss_twice()
+    except RuntimeError as exc:
+        # A loss that calls torch.autograd.grad (physics-informed, gradient penalties) can't run under
+        # no_grad ("element 0 of tensors does not require grad"): evaluate it with grad enabled.
+        if objective.needs_grad or not _NEEDS_GRAD.search(str(exc)):
+            raise
+        objective.needs_grad = True
+        notes.append(
+            "the loss differentiates inside (torch.autograd.grad) and fails under no_grad: every perturbed "
+            "loss was evaluated with grad enabled"
+        )
+        loss_again, nondet = loop.loss_twice()
     if nondet > 0:
         notes.append(
             f"the forward is nondeterministic beyond torch's RNG: two identical evaluations differ by "
@@ -180,11 +201,21 @@ def prepare(
 
 
 def analytical(
-    lent: Lent, objective: Objective, targets: list[Target], seed: int, call: str
+    lent: Lent,
+    objective: Objective,
+    targets: list[Target],
+    seed: int,
+    call: str,
+    *,
+    accumulation: dict[str, AccumulationVerdict] | None = None,
+    notes: list[str] | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
     """One seeded forward and ``loss.backward()``: the loss and every target's ``.grad`` (flat float64).
 
     The errors name `call`; a kernel that rejects the checking dtype gets an error naming dtype=None.
+    With a dict `accumulation`, the graph is retained and one more backward fills it with the tensors
+    whose ``.grad`` does not accumulate (`_accumulation.check_accumulation`); a note goes to `notes`
+    if that second backward could not run.
     """
     for t in targets:
         if t.kind == "input":
@@ -199,7 +230,7 @@ def analytical(
                 f"{call}: the loss does not require grad: nothing connects it to the checked parameters "
                 "(computed under torch.no_grad(), or detached?)."
             )
-        loss.backward()
+        loss.backward(retain_graph=accumulation is not None)
     except BatchError as exc:
         raise InvalidArgumentError(f"{call}: {exc}.") from None
     except (RuntimeError, TypeError, NotImplementedError) as exc:
@@ -212,6 +243,11 @@ def analytical(
             "only run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
         ) from exc
     grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
+    if accumulation is not None and targets:
+        found, why = check_accumulation(loss, targets, grads, DTYPE_DEFAULTS[targets[0].tensor.dtype].rtol)
+        accumulation.update(found)
+        if why and notes is not None:
+            notes.append(why)
     lent.clear_grads()
     for t in targets:
         if t.kind == "input":

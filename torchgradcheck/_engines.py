@@ -5,11 +5,12 @@ Two interchangeable engines answer the same two questions:
 * ``losses(target, index, values)``: loss with element ``index[j]`` of `target` set to ``values[j]``;
 * ``losses_along(target, deltas)``: loss with `target` moved by the dense row ``deltas[j]``.
 
-`LoopEngine` perturbs the working copy in place and runs one forward per point under ``no_grad``:
-it works for every model. `VmapEngine` evaluates a chunk of perturbed copies of the tensor in one
-batched forward with ``torch.func.vmap`` over ``torch.func.functional_call`` (the other tensors are
-shared, not copied). Before every evaluation both engines reset the buffers and re-seed the RNG,
-so the two give the same verdicts.
+`LoopEngine` perturbs the working copy in place and runs one forward per point under ``no_grad``
+(with grad enabled when the loss differentiates inside, ``Objective.needs_grad``, see
+`_check.start_engines`): it works for every model. `VmapEngine` evaluates a chunk of perturbed
+copies of the tensor in one batched forward with ``torch.func.vmap`` over
+``torch.func.functional_call`` (the other tensors are shared, not copied). Before every
+evaluation both engines reset the buffers and re-seed the RNG, so the two give the same verdicts.
 
 The engine policy lives here, once, for every entry point: `choose_engine` picks vmap when one
 batched unperturbed evaluation reproduces the plain loss (within ``1e4 u |L| + 10 * nondet``), and
@@ -57,12 +58,17 @@ class Engine:
         self.lent.reset_buffers()
         reseed(self.seed)
 
+    def evaluate(self, model: Any) -> torch.Tensor:
+        """The objective at `model`, detached: without a graph, unless the loss differentiates inside."""
+        with torch.set_grad_enabled(self.objective.needs_grad):
+            return torch.as_tensor(self.objective(model)).detach()
+
     def loss(self) -> torch.Tensor:
-        """The unperturbed loss, without recording a graph."""
+        """The unperturbed loss, without recording a graph (unless the loss needs one)."""
         with torch.no_grad():
             self._prepare()
             self.evaluations += 1
-            return torch.as_tensor(self.objective(self.lent.model)).detach().to(torch.float64)
+            return self.evaluate(self.lent.model).to(torch.float64)
 
     def loss_twice(self) -> tuple[torch.Tensor, float]:
         """The unperturbed loss and how much a second identical evaluation differs from it.
@@ -87,7 +93,7 @@ class LoopEngine(Engine):
 
     def _one(self) -> torch.Tensor:
         self._prepare()
-        return torch.as_tensor(self.objective(self.lent.model))
+        return self.evaluate(self.lent.model)
 
     def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         flat = target.flat
@@ -152,6 +158,7 @@ class _Wrapped(nn.Module):
         objective = self._objective
         if batch is not objective.batch:
             objective = Objective(objective.loss_fn, batch, objective.forward)
+            objective.needs_grad = self._objective.needs_grad
         return objective(self.model)
 
 
@@ -189,13 +196,13 @@ class VmapEngine(Engine):
         fn = vmap(self._row_fn(target), randomness="same")
         out = torch.empty(rows.shape[0], dtype=torch.float64, device=rows.device)
         size = self.chunk_size(target)
-        with torch.no_grad():
+        with torch.set_grad_enabled(self.objective.needs_grad):
             start = 0
             while start < rows.shape[0]:
                 chunk = rows[start : start + size]
                 self._prepare()
                 try:
-                    out[start : start + len(chunk)] = fn(chunk.view(len(chunk), *target.shape))
+                    out[start : start + len(chunk)] = fn(chunk.view(len(chunk), *target.shape)).detach()
                 except torch.OutOfMemoryError:
                     if size == 1:
                         raise

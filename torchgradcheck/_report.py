@@ -179,6 +179,12 @@ class Report:
                 more = f" (+{len(self.warnings) - 1} more)" if len(self.warnings) > 1 else ""
                 ok = ok.replace(": OK,", f": OK — WARNING: {self.warnings[0]}{more};", 1)
             return ok
+        statuses = {r.status for r in self.failures}
+        if statuses <= {"does not accumulate", "backward not repeatable"}:  # the values agree; the sum does not
+            return (
+                f"{self.call}: FAILED, {' / '.join(sorted(statuses))} for {len(self.failures)} of {len(tensors)} "
+                f"tensors (relative error {_fmt(self.relative_error)})"
+            )
         return (
             f"{self.call}: FAILED, gradients disagree for {len(self.failures)} of {len(tensors)} tensors "
             f"(relative error {_fmt(self.relative_error)})"

@@ -25,7 +25,9 @@ Status = Literal[
     "wrong dtype",  # backward returned a gradient of the wrong dtype
     "wrong shape",  # ... of the wrong shape
     "wrong device",  # ... on the wrong device
-    "backward not repeatable",  # a second backward through the same graph gives other gradients
+    "does not accumulate",  # .grad after two backward passes equals .grad after one (something assigns .grad)
+    "backward not repeatable",  # a second backward through the same graph gives a different gradient
+    "leaks",  # verify_batch_independence: this output sample depends on other input samples
     "unavailable",  # a derivative the check needs can't be computed (e.g. no double backward)
     "warning",  # an extra check (second order) failed, reported as a warning: the verdict stands
 ]

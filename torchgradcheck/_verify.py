@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -12,17 +13,24 @@ from torch import nn
 
 from ._batch import Objective, input_targets
 from ._check import Checked, check_module_call, check_targets, prepare
-from ._errors import InvalidArgumentTypeError
+from ._errors import InvalidArgumentError, InvalidArgumentTypeError
+from ._hessian import check_second_order
 from ._noise import NOISE_POINTS
 from ._options import CheckOptions, check_options, reject_unknown, validate_patterns
 from ._params import Lent, Target, lend_model
 from ._progress import progress_bar
 from ._report import Report, TensorResult
 from ._state import preserved_global_state
+from ._steps import take_steps
+from ._zero_gradients import zero_gradient_warning
 
 __all__ = ["verify_module"]
 
 _CALL = "verify_module(model, loss_fn, batch)"
+_DOUBLE_BACKWARD_HINT = (
+    "the loss differentiates inside, so its gradient runs through the double backward of the model's "
+    "custom Functions: check them with verify_function(fn, x, second_order=True)"
+)
 _OPTIONS = (
     "forward",
     "params",
@@ -37,6 +45,10 @@ _OPTIONS = (
     "engine",
     "progress",
     "localise",
+    "accumulation",
+    "after_steps",
+    "optimizer",
+    "second_order",
 )
 
 
@@ -58,6 +70,10 @@ def verify_module(
     engine: str = "auto",
     progress: bool | None = None,
     localise: bool | None = None,
+    accumulation: bool = True,
+    after_steps: int = 0,
+    optimizer: Callable[[list[nn.Parameter]], Any] | None = None,
+    second_order: bool = False,
     **unknown: Any,
 ) -> Report:
     """Check `model`'s parameter gradients from ``loss.backward()`` against central differences.
@@ -84,6 +100,16 @@ def verify_module(
         progress: show a progress bar (None: when stderr is a terminal).
         localise: check each submodule's own backward in isolation and name the first wrong one
             (None: only when the check failed; False: never; True: always).
+        accumulation: also check that ``.grad`` accumulates: ``.grad`` after a second backward through
+            the same graph must be twice ``.grad`` after one (status "does not accumulate" if it is not).
+            Costs one extra backward pass; False turns it off.
+        after_steps: take this many optimizer steps on a private copy of the parameters first and check
+            there (the model itself is never stepped): gradients blocked at initialisation (LoRA's
+            ``B = 0``) come alive. Default 0: check at the model's own point.
+        optimizer: with `after_steps`, a factory ``optimizer(params) -> torch.optim.Optimizer`` (default:
+            SGD with a learning rate chosen so that the loss goes down).
+        second_order: also check Hessian-vector products of the loss w.r.t. the parameters along random
+            directions against finite differences of the gradient (one "(Hv)" row per tensor).
 
     Returns:
         A `Report`: ``report.passed``, one `TensorResult` per parameter, ``str(report)`` a table.
@@ -115,16 +141,79 @@ def verify_module(
     checked, skipped, objective = prepare(_CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
     if localise is not None and not isinstance(localise, bool):
         raise InvalidArgumentTypeError(f"{_CALL}: localise= must be True, False or None, got {localise!r}.")
+    extras = _extras(accumulation, after_steps, optimizer, second_order)
     with preserved_global_state(), lend_model(model, dtype) as lent:
-        report = _run(lent, objective, checked, skipped, inputs, options, start)
+        report = _run(lent, objective, checked, skipped, inputs, options, start, extras)
+        if after_steps and (localise or (localise is None and not report.passed)):
+            # localise at the stepped point, where the bug showed: the lent model holds the stepped copies
+            report = _localised(report, lent.model, loss_fn, batch, forward, dtype, seed, engine, inputs, start)
+            localise = False
     if localise or (localise is None and not report.passed):
-        from ._localise import localise as find_wrong_backward
-
-        found = find_wrong_backward(
-            model, loss_fn, batch, forward=forward, dtype=dtype, seed=seed, engine=engine, inputs=inputs
-        )
-        report = dataclasses.replace(report, localisation=found, seconds=time.perf_counter() - start)
+        report = _localised(report, model, loss_fn, batch, forward, dtype, seed, engine, inputs, start)
     return report
+
+
+def _localised(
+    report: Report,
+    model: nn.Module,
+    loss_fn: Any,
+    batch: Any,
+    forward: Any,
+    dtype: torch.dtype | None,
+    seed: int,
+    engine: str,
+    inputs: bool,
+    start: float,
+) -> Report:
+    from ._localise import localise as find_wrong_backward
+
+    found = find_wrong_backward(
+        model, loss_fn, batch, forward=forward, dtype=dtype, seed=seed, engine=engine, inputs=inputs
+    )
+    return dataclasses.replace(report, localisation=found, seconds=time.perf_counter() - start)
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """verify_module's checks next to the gradient (issue "checks no other tool has")."""
+
+    accumulation: bool
+    after_steps: int
+    optimizer: Callable[[list[nn.Parameter]], Any] | None
+    second_order: bool
+
+    def report(self) -> dict[str, Any]:
+        """The facts for the report's options line (the accumulation check costs one extra backward)."""
+        out: dict[str, Any] = {"accumulation": "on (+1 backward)" if self.accumulation else "off"}
+        if self.after_steps:
+            out["after_steps"] = self.after_steps
+        if self.second_order:
+            out["second_order"] = True
+        return out
+
+
+def _extras(accumulation: Any, after_steps: Any, optimizer: Any, second_order: Any) -> _Extras:
+    for name, flag in (("accumulation", accumulation), ("second_order", second_order)):
+        if not isinstance(flag, bool):
+            raise InvalidArgumentTypeError(f"{_CALL}: {name}= must be True or False, got {flag!r}.")
+    if isinstance(after_steps, bool) or not isinstance(after_steps, int):
+        raise InvalidArgumentTypeError(
+            f"{_CALL}: after_steps={after_steps!r} must be an int (optimizer steps before checking), "
+            "e.g. after_steps=3."
+        )
+    if after_steps < 0:
+        raise InvalidArgumentError(f"{_CALL}: after_steps={after_steps} must be >= 0 (0: check at the model's point).")
+    if optimizer is not None:
+        if not callable(optimizer) or isinstance(optimizer, torch.optim.Optimizer):
+            raise InvalidArgumentTypeError(
+                f"{_CALL}: optimizer= takes a factory, e.g. optimizer=lambda params: torch.optim.Adam(params, "
+                f"lr=1e-3), got {optimizer!r}; the check builds it on its own copy of the parameters."
+            )
+        if not after_steps:
+            raise InvalidArgumentError(
+                f"{_CALL}: optimizer= is used only with after_steps= (how many steps to take); pass e.g. after_steps=3."
+            )
+    return _Extras(accumulation, after_steps, optimizer, second_order)
 
 
 def _run(
@@ -135,28 +224,50 @@ def _run(
     inputs: bool,
     options: CheckOptions,
     start: float,
+    extras: _Extras,
 ) -> Report:
     if options.dtype == torch.float64:
         torch.set_default_dtype(torch.float64)
+    notes = (
+        [take_steps(lent, objective, extras.after_steps, extras.optimizer, options.seed, _CALL)]
+        if extras.after_steps
+        else []
+    )
     targets = [Target(name, p.data, kind="parameter", param=p) for name, p in checked]
     if inputs:
         targets += input_targets(objective.batch)
     work_dtype = targets[0].tensor.dtype if targets else torch.float64
     device = targets[0].tensor.device if targets else torch.device("cpu")
-    options = options.resolve(work_dtype, device)
+    options = options.resolve(work_dtype, device, **extras.report())
     with progress_bar(2 + len(targets) * NOISE_POINTS, options.progress, "verify_module") as bar:
-        found: Checked = check_targets(lent, objective, targets, options, bar.update, call=_CALL, grow=bar.grow)
+        found: Checked = check_targets(
+            lent, objective, targets, options, bar.update, call=_CALL, grow=bar.grow, accumulation=extras.accumulation
+        )
+        second, evaluations = (
+            check_second_order(
+                lent, objective, targets, options.seed, float(options.eps), float(options.rtol), options.atol
+            )
+            if extras.second_order
+            else ([], 0)
+        )
     table = dict(lent.model.named_parameters(remove_duplicate=False))
-    results = found.results + [
-        TensorResult(name=n, shape=tuple(table[n].shape), status="skipped", note=why) for n, why in skipped
-    ]
+    results = (
+        found.results
+        + second
+        + [TensorResult(name=n, shape=tuple(table[n].shape), status="skipped", note=why) for n, why in skipped]
+    )
+    notes += found.notes
+    if objective.needs_grad and not all(r.passed for r in results):
+        notes.append(_DOUBLE_BACKWARD_HINT)
+    warning = zero_gradient_warning(found.results, extras.after_steps)
     return Report(
         call="verify_module",
         results=tuple(results),
         relative_error=found.relative_error,
         options=options,
-        evaluations=found.evaluations,
+        evaluations=found.evaluations + evaluations,
         seconds=time.perf_counter() - start,
         engine=found.engine,
-        notes=tuple(found.notes),
+        notes=tuple(notes),
+        warnings=(warning,) if warning else (),
     )

@@ -1,5 +1,9 @@
 """Command line: ``torchgradcheck demo`` and ``torchgradcheck check FILE.py:FACTORY``.
 
+``check`` runs ``verify_module``; ``--after-steps K``, ``--second-order`` and ``--no-accumulation`` are
+its options of the same names, and ``--batch-independence`` also runs ``verify_batch_independence``
+on the model and the inputs of the batch (both must pass).
+
 Exit status: 0 when the verdicts are as expected (check: the gradients agree), 1 when ``check`` finds a
 mismatch, 2 for anything that is not a verdict (a bad FILE.py:FACTORY, a factory or model that raises,
 an invalid argument; the message goes to stderr), as for argparse's own usage errors.
@@ -55,6 +59,26 @@ def _add_check_options(p: argparse.ArgumentParser) -> None:
         default=None,
         help="on a failure, do not check each submodule alone to name the first wrong backward",
     )
+    p.add_argument(
+        "--after-steps",
+        type=int,
+        default=None,
+        metavar="K",
+        help="check after K optimizer steps on a private copy (the model is never stepped): finds bugs hidden at "
+        "initialisation, e.g. behind LoRA's B = 0",
+    )
+    p.add_argument(
+        "--second-order",
+        action="store_true",
+        help="also check Hessian-vector products of the loss (double backward) along random directions",
+    )
+    p.add_argument(
+        "--no-accumulation",
+        dest="accumulation",
+        action="store_false",
+        default=None,
+        help="skip the gradient-accumulation check (one extra backward: .grad must double after a second one)",
+    )
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument(
         "--plot",
@@ -76,6 +100,12 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         options["inputs"] = True
     if args.localise is False:
         options["localise"] = False
+    if args.after_steps is not None:
+        options["after_steps"] = args.after_steps
+    if args.second_order:
+        options["second_order"] = True
+    if args.accumulation is False:
+        options["accumulation"] = False
     return options
 
 
@@ -168,6 +198,7 @@ def _check(args: argparse.Namespace) -> int:
             )
         try:
             report = verify_module(*call_args, **{**kwargs, **_options(args)})  # the command line wins
+            batch_report = _batch_independence(args, call_args, kwargs) if args.batch_independence else None
         except TorchGradcheckError as exc:  # a bad argument: the message says the fix
             raise _UsageError(str(exc)) from None
         except Exception:  # the model or loss raised: show where, but never exit 1 (that means "mismatch")
@@ -175,9 +206,31 @@ def _check(args: argparse.Namespace) -> int:
             raise _UsageError("the check raised (traceback above)") from None
     finally:
         sys.path[:] = saved_path
-    _print(report, args.json)
+    if batch_report is None:
+        _print(report, args.json)
+    elif args.json:
+        both = {"verify_module": report.to_dict(), "verify_batch_independence": batch_report.to_dict()}
+        print(json.dumps(both, indent=2))
+    else:
+        print(f"{report}\n\n{batch_report}")
     _plot(report, args.plot)
-    return 0 if report.passed else 1
+    return 0 if report.passed and (batch_report is None or batch_report.passed) else 1
+
+
+def _batch_independence(args: argparse.Namespace, call_args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """verify_batch_independence on the factory's model and the inputs part of its batch."""
+    from ._batch_independence import verify_batch_independence
+
+    model, batch = (call_args[0], call_args[2]) if call_args else (kwargs.get("model"), kwargs.get("batch"))
+    if batch is None:
+        raise _UsageError(
+            "--batch-independence needs the model's inputs: let the factory return (model, loss_fn, batch) "
+            "or a dict with 'model' and 'batch'"
+        )
+    if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields") and len(batch) in (1, 2):
+        batch = batch[0]  # (inputs,) or (inputs, target): the inputs, unpacked by verify_batch_independence
+    options = {k: getattr(args, k) for k in ("seed", "eps", "rtol", "atol") if getattr(args, k) is not None}
+    return verify_batch_independence(model, batch, batch_dim=args.batch_dim, **options)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -193,6 +246,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     check = sub.add_parser("check", help="verify_module on the (model, loss_fn, batch) a factory returns")
     check.add_argument("target", help="path/to/file.py:factory")
     _add_check_options(check)
+    check.add_argument(
+        "--batch-independence",
+        action="store_true",
+        help="also check that output sample i depends on input sample i only (verify_batch_independence)",
+    )
+    check.add_argument("--batch-dim", type=int, default=0, metavar="DIM", help="the batch dimension (0)")
     check.set_defaults(run=_check)
     args = parser.parse_args(argv)
     try:

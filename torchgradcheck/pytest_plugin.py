@@ -6,6 +6,7 @@ Use the fixture in a test; a failing check fails the test with the report table 
         model, batch = MyLayer().double(), (torch.randn(8, 4), torch.randn(8, 2))
         gradcheck(model, nn.MSELoss(), batch)            # verify_module; raises on failure
         gradcheck.function(my_op, torch.randn(3, requires_grad=True))   # verify_function
+        gradcheck.batch_independence(model.eval(), batch[0])              # verify_batch_independence
 
 Command-line options rerun the same tests differently, without editing them:
 
@@ -106,7 +107,8 @@ class Gradcheck:
     ``gradcheck(model, loss_fn, batch, **options)`` runs ``verify_module`` and raises
     ``GradientMismatchError`` (an AssertionError) carrying the report table if the check fails;
     otherwise it returns the `Report`. ``gradcheck.function(fn, *args, **kwargs)`` does the same with
-    ``verify_function``. The command-line options (`mode`, `device`) apply to every call.
+    ``verify_function``, ``gradcheck.batch_independence(model, batch, **options)`` with
+    ``verify_batch_independence``. The command-line options (`mode`, `device`) apply to every call.
     """
 
     def __init__(
@@ -159,6 +161,23 @@ class Gradcheck:
         if self.device is not None:
             args, kwargs = _to(args, self.device), _to(kwargs, self.device)
         report = verify(fn, *args, **kwargs)
+        _warn(report)
+        report.assert_passed()
+        return report
+
+    def batch_independence(self, model: nn.Module, batch: Any, /, **options: Any) -> Report:
+        """``verify_batch_independence(model, batch, **options)``; raises if a sample leaks into another.
+
+        `--gradcheck-device` moves the model and the batch; `--gradcheck-mode` does not apply.
+        """
+        __tracebackhide__ = True
+        from ._batch_independence import verify_batch_independence as verify
+
+        if self.device is None:
+            report = verify(model, batch, **options)
+        else:
+            with moved_model(model, self.device):
+                report = verify(model, _to(batch, self.device), **options)
         _warn(report)
         report.assert_passed()
         return report

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 import traceback
@@ -39,13 +40,34 @@ import opdb_corpus as oc
 from torchgradcheck import InvalidArgumentError, verify_function
 
 
-def _verdict(fn, args, mutant=None) -> tuple[str, str]:
+class _TimeoutError(Exception):
+    pass
+
+
+def _alarm(signum, frame):
+    raise _TimeoutError
+
+
+def _verdict(fn, args, mutant=None, timeout: int = 0) -> tuple[str, str]:
+    signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(timeout)
+    try:
+        return _judge(fn, args)
+    except _TimeoutError:
+        return "timeout", f"no verdict within {timeout} s"
+    finally:
+        signal.alarm(0)
+
+
+def _judge(fn, args) -> tuple[str, str]:
     try:
         # PyTorch's test processes don't turn warnings into errors; the op's own deprecation
         # warnings (torch.cholesky) are not the checker's to silence. Recorded, not raised.
         with warnings.catch_warnings(record=True):
             warnings.simplefilter("always")
             report = verify_function(fn, *args)
+    except _TimeoutError:
+        raise
     except InvalidArgumentError as exc:
         return "invalid", str(exc).splitlines()[0][:300]
     except Exception as exc:  # a crash: the checker raised on legal input
@@ -66,6 +88,8 @@ def main() -> None:
     p.add_argument("--out", default="opdb_results.jsonl")
     p.add_argument("--flags-workaround", action="store_true")
     p.add_argument("--no-mutants", action="store_true")
+    p.add_argument("--timeout", type=int, default=120, help="seconds per check (0: none); recorded as timeout")
+    p.add_argument("--resume", action="store_true", help="append to --out, skipping the ops already there")
     a = p.parse_args()
     torch.set_num_threads(1)
     ops = oc.load_ops()
@@ -79,18 +103,23 @@ def main() -> None:
         ops = [op for op in ops if oc.op_id(op) in oc.FAST]
     counts: dict[str, Counter] = {"real": Counter(), "once": Counter(), "mutant": Counter(), "skipped": Counter()}
     start = time.perf_counter()
-    with open(a.out, "w") as out:
+    done = set()
+    if a.resume and Path(a.out).exists():
+        done = {json.loads(line)["op"] for line in open(a.out)}
+    with open(a.out, "a" if a.resume else "w") as out:
 
         def record(kind: str, op: str, i: int, verdict: str, detail: str, seconds: float, **extra) -> None:
             counts[kind][verdict] += 1
             row = {"class": kind, "op": op, "sample": i, "verdict": verdict, "detail": detail, "s": round(seconds, 3)}
             out.write(json.dumps({**row, **extra}) + "\n")
             out.flush()
-            if verdict not in ("pass", "caught", "vacuous", "invalid", "skipped"):
+            if verdict not in ("pass", "caught", "vacuous", "invalid", "skipped", "timeout"):
                 print(f"{kind:7s} {op:40s} #{i} {verdict}: {detail[:200]}", flush=True)
 
         for n, op in enumerate(ops):
             name = oc.op_id(op)
+            if name in done:
+                continue
             why = oc.pytorch_skips(op)
             if why is not None:
                 record("skipped", name, -1, "skipped", why, 0.0)
@@ -108,19 +137,19 @@ def main() -> None:
                 if first is None:
                     first = (i, fn, args)
                 t = time.perf_counter()
-                v, d = _verdict(fn, args)
+                v, d = _verdict(fn, args, timeout=a.timeout)
                 record("real", name, i, v, d, time.perf_counter() - t)
             if first is None:
                 continue
             i, fn, args = first
             t = time.perf_counter()
-            v, d = _verdict(oc.wrapped(fn, len(args), oc.Mutant(None, 0)), args)
+            v, d = _verdict(oc.wrapped(fn, len(args), oc.Mutant(None, 0)), args, timeout=a.timeout)
             record("once", name, i, v, d, time.perf_counter() - t)
             if a.no_mutants:
                 continue
             for m in oc.mutants(len(args)):
                 t = time.perf_counter()
-                v, d = _verdict(oc.wrapped(fn, len(args), m), args, m)
+                v, d = _verdict(oc.wrapped(fn, len(args), m), args, m, timeout=a.timeout)
                 if v == "pass":
                     v = "vacuous" if m.changed <= 1e-12 * max(1.0, m.scale) else "missed"
                 elif v == "FAIL":

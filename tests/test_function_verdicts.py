@@ -476,3 +476,25 @@ def test_verify_function_float32_only_kernel_in_float64_says_pass_dtype_none():
 def test_verify_function_dtype_rejects_integer_dtype():
     with pytest.raises(InvalidArgumentError, match="dtype"):
         verify_function(_Float32Only.apply, _leaf(3, 4, dtype=torch.float32), False, dtype=torch.int64)
+
+
+# ------------------------------------------------------------------------ A3 (function side): empty
+
+
+def test_verify_function_empty_input_is_skipped_with_a_note():
+    x, e = _leaf(3), torch.empty(0, dtype=torch.float64, requires_grad=True)
+    report = verify_function(lambda x, e: x.sin() + e.sum(), x, e)
+    assert report.passed, report
+    assert "e is empty (numel 0): nothing to check, skipped" in report.notes
+    assert [r.name for r in report.results if r.kind == "input"] == ["grad w.r.t. x"]
+
+
+def test_verify_function_empty_input_next_to_a_buggy_backward_fails():
+    x, e = _leaf(3, 4), torch.empty(0, dtype=torch.float64, requires_grad=True)
+    report = verify_function(lambda x, e: _DetachedBackward.apply(x, True) + e.sum(), x, e)
+    assert [r.name for r in report.failures] == ["grad w.r.t. x"]
+
+
+def test_verify_function_only_empty_inputs_is_a_clear_error():
+    with pytest.raises(InvalidArgumentError, match="every input that requires grad is empty"):
+        verify_function(lambda e: e.exp(), torch.empty(0, 3, dtype=torch.float64, requires_grad=True))

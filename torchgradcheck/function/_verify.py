@@ -188,19 +188,24 @@ def _reject_typos(fn: Callable[..., Any], kwargs: dict) -> None:
             )
 
 
-def _convert(tree: Any, name: str, slots: list[_Slot], work: torch.dtype | None) -> Any:
-    """Checked tensors become `_Slot`s; other floating tensors copies in `work`; anything else unchanged."""
+def _convert(tree: Any, name: str, slots: list[_Slot], work: torch.dtype | None, empty: list[str]) -> Any:
+    """Checked tensors become `_Slot`s; other floating tensors copies in `work`; anything else unchanged.
+
+    An empty tensor (numel 0) that requires grad has nothing to check: passed as a copy, named in `empty`.
+    """
     return pytree.tree_map_with_path(
-        lambda key, leaf: _convert_leaf(leaf, name + pytree.keystr(key), slots, work), tree
+        lambda key, leaf: _convert_leaf(leaf, name + pytree.keystr(key), slots, work, empty), tree
     )
 
 
-def _convert_leaf(tree: Any, name: str, slots: list[_Slot], work: torch.dtype | None) -> Any:
+def _convert_leaf(tree: Any, name: str, slots: list[_Slot], work: torch.dtype | None, empty: list[str]) -> Any:
     if not isinstance(tree, torch.Tensor):
         return tree
     if tree.requires_grad and tree.is_complex():
         raise InvalidArgumentError(f"{_CALL}: {name} is complex; complex inputs are not supported yet.")
-    if tree.requires_grad and tree.is_floating_point():
+    if tree.requires_grad and tree.is_floating_point() and tree.numel() == 0:
+        empty.append(name)
+    elif tree.requires_grad and tree.is_floating_point():
         if not bool(torch.isfinite(tree.detach()).all()):
             raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
         expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
@@ -343,14 +348,21 @@ def verify_function(
     pos_names, kw_names = _argument_names(fn, args, kwargs)
     slots: list[_Slot] = []
     work = shared.dtype  # None: every tensor keeps its own dtype (a float32-only kernel)
-    conv_args = tuple(_convert(a, n, slots, work) for a, n in zip(args, pos_names))
-    conv_kwargs = {k: _convert(v, kw_names[k], slots, work) for k, v in kwargs.items()}
+    empty: list[str] = []
+    conv_args = tuple(_convert(a, n, slots, work, empty) for a, n in zip(args, pos_names))
+    conv_kwargs = {k: _convert(v, kw_names[k], slots, work, empty) for k, v in kwargs.items()}
+    if not slots and empty:
+        raise InvalidArgumentError(
+            f"{_CALL}: every input that requires grad is empty ({', '.join(empty)} with numel 0), so there "
+            "is nothing to check; pass inputs with at least one element."
+        )
     if not slots:
         raise InvalidArgumentError(
             f"{_CALL}: no input requires grad, so there is nothing to check; mark the inputs to check "
             "with x.requires_grad_() (integer tensors and tensors without requires_grad are passed through)."
         )
     call = _Call(fn, conv_args, conv_kwargs, slots, work)
+    call.empty = tuple(empty)
     resolved = shared.resolve(work or slots[0].original.dtype, slots[0].original.device)
     with preserved_global_state(), lend_model(call, work) as lent:
         if work is not None:
@@ -516,6 +528,7 @@ def _start(call: _Call, seed: int) -> tuple[Extras, dict[int, torch.Tensor], boo
         several=several,
     )
     ex.notes += [f"{s.name} is an expanded tensor (overlapping memory): {_EXPANDED}" for s in call.slots if s.expanded]
+    ex.notes += [f"{name} is empty (numel 0): nothing to check, skipped" for name in getattr(call, "empty", ())]
     ex.notes += [
         f"{ex.output(i)} is non-differentiable (requires_grad=False: ctx.mark_non_differentiable, or a "
         "statistic such as the mean/rstd of native_layer_norm): not checked, as gradcheck does"

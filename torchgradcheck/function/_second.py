@@ -135,13 +135,14 @@ def second_order_warnings(ex: Extras, rows: list[TensorResult]) -> list[TensorRe
     bad = [r for r in rows if not r.passed]
     if not bad:
         return rows
-    wrong = [r.name for r in bad if r.status != "unavailable"]
-    missing = [r.name for r in bad if r.status == "unavailable"]
+    wrong = [f'"{r.name}"' for r in bad if r.status != "unavailable"]
+    missing = [r for r in bad if r.status == "unavailable"]
     parts = []
     if wrong:
-        parts.append(f"wrong for {', '.join(wrong)} (the double backward disagrees with differences of the backward)")
+        parts.append(f"wrong in {', '.join(wrong)} (the double backward disagrees with differences of the backward)")
     if missing:
-        parts.append(f"unavailable for {', '.join(missing)} ({bad[[r.name for r in bad].index(missing[0])].note})")
+        listed = ", ".join(f'"{r.name}"' for r in missing)
+        parts.append(f"unavailable in {listed} ({missing[0].note})")
     ex.warnings.append(f"Second derivatives are {'; and '.join(parts)}. The first derivatives are right. {_FIX}")
     return [
         dataclasses.replace(r, status="warning", note=f"{r.status}, reported as a warning: {r.note}".rstrip(": "))

@@ -39,7 +39,13 @@ MUTATIONS = ("element", "sign", "scale", "drop", "other_input")
 # Operators whose own derivative formulas disagree with finite differences beyond what float64
 # allows, verified independently (see the note of issue 9): excluded from "zero false alarms",
 # listed here with the evidence. Empty until a disagreement is verified.
-KNOWN_OPERATOR_DEFECTS: dict[str, str] = {}
+KNOWN_OPERATOR_DEFECTS: dict[str, str] = {
+    "logcumsumexp": (
+        "forward-mode jvp up to 3.2e-6 relative off (sample 1, dim=1, |x| up to 9): the first element "
+        "along dim is x itself, so its jvp must equal the tangent exactly; reverse mode is exact, the "
+        "jvp is not (checked against mpmath at 40 digits too). tests/test_opdb.py proves it."
+    ),
+}
 
 
 def _set_flags_frozen(frozen: bool) -> None:

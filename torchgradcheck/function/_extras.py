@@ -274,9 +274,12 @@ def judge_directional(ex: Extras, problem: Directional) -> list[TensorResult]:
     noise = [at(j * noise_step) for j in range(-(NOISE_POINTS // 2), NOISE_POINTS // 2 + 1)]
     rows = []
     for key, a in problem.analytical.items():
-        sigma = torch.maximum(
-            noise_per_column(torch.stack([p[key] for p in noise])), unit_roundoff(DTYPE) * center[key].abs()
-        )
+        # Rounding floor: one unit roundoff of the tensor's largest element, not of each element. An
+        # element of a vector output shares intermediates with the others (1 - tanh(x)**2 is tiny
+        # at |x| = 9 but carries the rounding of 1), and ECNoise can't see noise that 9 tiny steps
+        # don't move: a per-element floor made correct second derivatives of tanh fail at 1e-12.
+        floor = unit_roundoff(center[key].dtype) * float(center[key].abs().max()) if center[key].numel() else 0.0
+        sigma = noise_per_column(torch.stack([p[key] for p in noise])).clamp(min=floor)
         span = torch.full_like(a, 2 * h)
         numerical = (steps[1][key] - steps[-1][key]) / span
         tol = first_tolerance(numerical, span, sigma, ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]

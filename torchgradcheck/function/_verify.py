@@ -267,10 +267,13 @@ def verify_function(
     (the tolerance model of `verify_module`). Then, by default, in this order and each in its own rows:
     second derivatives (the double backward along a random direction, against differences of the
     backward; skipped with a note for ``@once_differentiable`` or when the first derivatives already
-    fail), the ``jvp`` (forward mode; skipped with a note when the Function defines none), the backward
+    fail; a warning, not a failure, unless ``second_order=True``), the ``jvp`` (forward mode; "forward
+    mode unavailable" is noted when ``fn`` has none, never compared with a zero), the backward
     on non-contiguous (transposed/strided) copies of the inputs, and determinism (the backward run
-    twice; a row only when the runs differ). A gradient that ``backward`` returns with the wrong
-    dtype, shape or device fails its row by name, even where autograd would cast or reduce it.
+    twice; a row only when the runs differ). Before those, the backward is called twice through the
+    same graph: one that changes state saved on ``ctx`` fails ("backward not repeatable"). A gradient
+    that ``backward`` returns with the wrong dtype, shape or device fails its row by name, even where
+    autograd would cast or reduce it.
 
     Options are keyword-only and their names are reserved: every other keyword goes to ``fn``. A
     keyword that ``fn`` does not name and that looks like an option (``second_ordr=``) is an error.
@@ -279,8 +282,8 @@ def verify_function(
 
     Args:
         fn: any callable of tensors: ``MyFunction.apply``, a function built on one, a module.
-        dtype: checking precision: float64 (the only one supported so far; None is refused until
-            checks in the inputs' own dtype land).
+        dtype: checking precision: float64 (default), another floating dtype, or None to keep every
+            input's own dtype (a float32-only kernel; tolerances follow that dtype's measured noise).
         mode: "auto" or "full": every element of every input (the first-order rows). "directional"
             and "sampled" are not supported by verify_function yet and are refused.
         budget: seconds "auto" may plan for (accepted for symmetry with verify_module).
@@ -295,7 +298,10 @@ def verify_function(
         nondet_tol: allowed difference between two runs of the backward (default 0: bit-identical).
         seed: the RNG seed set before every evaluation, and the seed of the random cotangents.
         engine: "auto" (vmap, falling back to a loop), "vmap" or "loop".
-        second_order: also check second derivatives (``x -> vjp(x, v)``) when the backward is differentiable.
+        second_order: second derivatives (``x -> vjp(x, v)``) when the backward is differentiable.
+            None (default): checked, and a wrong or impossible double backward is a warning
+            (``report.warnings``, status "warning"), the verdict stands; True: part of the verdict;
+            False: not checked.
         forward_mode: also check ``jvp`` (forward-mode AD) where ``fn`` supports it.
         noncontiguous: also run the backward on non-contiguous copies of the inputs.
         progress: show a progress bar (None: when stderr is a terminal).

@@ -498,3 +498,16 @@ def test_verify_function_empty_input_next_to_a_buggy_backward_fails():
 def test_verify_function_only_empty_inputs_is_a_clear_error():
     with pytest.raises(InvalidArgumentError, match="every input that requires grad is empty"):
         verify_function(lambda e: e.exp(), torch.empty(0, 3, dtype=torch.float64, requires_grad=True))
+
+
+def test_verify_function_empty_output_is_skipped_with_a_note():
+    report = verify_function(lambda x: (x.sin(), x[:0] * 2), _leaf(4))
+    assert report.passed, report
+    assert "output 1 is empty (numel 0): nothing to check, skipped" in report.notes
+    bug = verify_function(lambda x: (_DetachedBackward.apply(x, True), x[:0] * 2), _leaf(4))
+    assert [r.name for r in bug.failures] == ["grad of output 0 w.r.t. x"]
+
+
+def test_verify_function_only_empty_outputs_is_a_clear_error():
+    with pytest.raises(InvalidArgumentError, match="every output of fn that requires grad is empty"):
+        verify_function(lambda x: x[:0] * 2, _leaf(4))

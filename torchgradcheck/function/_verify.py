@@ -406,10 +406,15 @@ def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]
             f"{_CALL}: no output of fn requires grad: nothing connects the outputs to the inputs "
             "(computed under torch.no_grad(), or detached?)."
         )
+    if not any(t.requires_grad and t.numel() > 0 for _, t in outs):
+        raise InvalidArgumentError(
+            f"{_CALL}: every output of fn that requires grad is empty (numel 0): there is nothing to check."
+        )
     for i, t in outs:
         if not bool(torch.isfinite(t.detach()).all()):
             raise InvalidArgumentError(f"{_CALL}: output {i} of fn is not finite at the given inputs.")
-    return raw, [(i, t) for i, t in outs if t.requires_grad], [i for i, t in outs if not t.requires_grad]
+    checked = [(i, t) for i, t in outs if t.requires_grad and t.numel() > 0]
+    return raw, checked, [i for i, t in outs if not t.requires_grad or t.numel() == 0]
 
 
 def _first_call(call: _Call) -> Any:
@@ -535,8 +540,11 @@ def _start(call: _Call, seed: int) -> tuple[Extras, dict[int, torch.Tensor], boo
     )
     ex.notes += [f"{s.name} is an expanded tensor (overlapping memory): {_EXPANDED}" for s in call.slots if s.expanded]
     ex.notes += [f"{name} is empty (numel 0): nothing to check, skipped" for name in getattr(call, "empty", ())]
+    sizes = dict(float_outputs(raw))
     ex.notes += [
-        f"{ex.output(i)} is non-differentiable (requires_grad=False: ctx.mark_non_differentiable, or a "
+        f"{ex.output(i)} is empty (numel 0): nothing to check, skipped"
+        if sizes[i].numel() == 0
+        else f"{ex.output(i)} is non-differentiable (requires_grad=False: ctx.mark_non_differentiable, or a "
         "statistic such as the mean/rstd of native_layer_norm): not checked, as gradcheck does"
         for i in skipped
     ]

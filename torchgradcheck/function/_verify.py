@@ -351,9 +351,20 @@ def verify_function(
         "noncontiguous": noncontiguous,
     }
     _validate(fn, args, kwargs, options)
+    work = shared.dtype  # None: every tensor keeps its own dtype (a float32-only kernel)
+    call = _make_call(fn, args, kwargs, work)
+    slots = call.slots
+    resolved = shared.resolve(work or slots[0].original.dtype, slots[0].original.device)
+    with preserved_global_state(), lend_model(call, work) as lent:
+        if work is not None:
+            torch.set_default_dtype(work)
+        return _run(call, lent, resolved, options, start)
+
+
+def _make_call(fn: Callable[..., Any], args: tuple, kwargs: dict, work: torch.dtype | None) -> _Call:
+    """``fn`` with its arguments converted: the inputs that require grad become the `_Call`'s slots."""
     pos_names, kw_names = _argument_names(fn, args, kwargs)
     slots: list[_Slot] = []
-    work = shared.dtype  # None: every tensor keeps its own dtype (a float32-only kernel)
     empty: list[str] = []
     conv_args = tuple(_convert(a, n, slots, work, empty) for a, n in zip(args, pos_names))
     conv_kwargs = {k: _convert(v, kw_names[k], slots, work, empty) for k, v in kwargs.items()}
@@ -369,11 +380,7 @@ def verify_function(
         )
     call = _Call(fn, conv_args, conv_kwargs, slots, work)
     call.empty = tuple(empty)
-    resolved = shared.resolve(work or slots[0].original.dtype, slots[0].original.device)
-    with preserved_global_state(), lend_model(call, work) as lent:
-        if work is not None:
-            torch.set_default_dtype(work)
-        return _run(call, lent, resolved, options, start)
+    return call
 
 
 def _objective(k: int, v: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:

@@ -274,7 +274,7 @@ FAST = (
     "matmul",
     "addmm",
     "linalg.det",
-    "cholesky",
+    "linalg.cholesky",
     "gather",
     "index_select",
     "take_along_dim",

@@ -2,8 +2,8 @@
 
 A fast subset (`opdb_corpus.FAST`, a few dozen ops of every family) runs here: every real op
 passes, its correct once-differentiable wrapper passes, every non-vacuous planted mutant fails,
-nothing crashes. The full sweep (all ~540 OpInfos) is ``benchmarks/opdb_sweep.py``; its numbers
-are in the note of issue 9 and ``benchmarks/README.md``. ``-m slow`` runs it here too.
+nothing crashes. The full sweep (all 540 OpInfos, about an hour on 2 cores) is
+``benchmarks/opdb_sweep.py``; its numbers are in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
@@ -18,20 +18,17 @@ from torchgradcheck import verify_function
 
 _OPS = {oc.op_id(op): op for op in oc.load_ops()}
 
-
-@pytest.fixture(autouse=True)
-def _pytorch_test_harness():
-    """Backend flags frozen, as ``common_utils`` leaves them in PyTorch's own test processes."""
-    with oc.frozen_flags():
-        yield
+# `load_ops` restores the backend flags that importing op_db froze; the frozen-flags harness itself
+# (``torch.backends.disable_global_flags()``) is issue 9's A1, tested on its own.
 
 
 def _first_case(name):
-    for sample in oc.samples(_OPS[name], 4):
+    """The op's first sample whose checked inputs all have more than one element (no empty/scalar edge case)."""
+    for sample in oc.samples(_OPS[name], 8):
         fn, args = oc.case(_OPS[name], sample)
-        if args:
+        if args and all(a.numel() > 1 for a in args):
             return fn, args
-    pytest.skip(f"{name}: no sample with an input that requires grad")
+    raise AssertionError(f"{name}: no sample with inputs of more than one element")
 
 
 @pytest.mark.parametrize("name", [n for n in oc.FAST if n in _OPS])
@@ -50,39 +47,25 @@ def test_opdb_once_differentiable_wrapper_passes(name):
 
 @pytest.mark.parametrize("name", [n for n in oc.FAST if n in _OPS])
 def test_opdb_planted_mutants_fail(name):
-    fn, args = _first_case(name)
-    counted = 0
-    for m in oc.mutants(len(args)):
-        report = verify_function(oc.wrapped(fn, len(args), m), *args)
-        if report.passed:
-            assert m.changed <= 1e-12 * max(1.0, m.scale), f"{name}: mutant {m} missed\n{report}"
-        else:
-            counted += 1
-    assert counted > 0
+    """Every planted mutant that changes something fails (on the first sample where one does)."""
+    for sample in oc.samples(_OPS[name], 8):
+        fn, args = oc.case(_OPS[name], sample)
+        if not args or any(a.numel() <= 1 for a in args):
+            continue
+        counted = 0
+        for m in oc.mutants(len(args)):
+            report = verify_function(oc.wrapped(fn, len(args), m), *args)
+            if report.passed:
+                assert m.changed <= 1e-12 * max(1.0, m.scale), f"{name}: mutant {m} missed\n{report}"
+            else:
+                counted += 1
+        if counted:
+            return
+    raise AssertionError(f"{name}: every mutant vacuous on every sample (the gradient is zero everywhere)")
 
 
 def test_opdb_fast_subset_is_large_enough():
     assert sum(n in _OPS for n in oc.FAST) >= 30
-
-
-@pytest.mark.slow
-def test_opdb_full_sweep_no_false_alarm_no_crash():
-    bad = []
-    for name, op in _OPS.items():
-        if oc.pytorch_skips(op):
-            continue
-        for sample in oc.samples(op, 2):
-            fn, args = oc.case(op, sample)
-            if not args:
-                continue
-            try:
-                report = verify_function(fn, *args)
-            except Exception as exc:  # a crash
-                bad.append(f"{name}: {type(exc).__name__}: {exc}"[:200])
-                continue
-            if not report.passed and name not in oc.KNOWN_OPERATOR_DEFECTS:
-                bad.append(f"{name}: " + "; ".join(f"{r.name}: {r.status}" for r in report.failures))
-    assert not bad, "\n".join(bad)
 
 
 def test_opdb_logcumsumexp_jvp_defect_is_real():

@@ -211,12 +211,13 @@ def wrapped(fn: Callable[..., Any], n: int, mutant: Mutant) -> Callable[..., Any
         @staticmethod
         def forward(ctx, *inputs):
             ctx.save_for_backward(*inputs)
-            out = fn(*inputs)
+            with torch.enable_grad():  # which outputs the op itself makes differentiable (not mean/rstd)
+                out = fn(*[x.detach().requires_grad_(x.is_floating_point()) for x in inputs])
             leaves, spec = pytree.tree_flatten(out)
             holder["spec"], holder["leaves"] = spec, leaves
-            tensors = [x.clone() for x in leaves if isinstance(x, torch.Tensor)]
-            ctx.mark_non_differentiable(*[t for t in tensors if not (t.is_floating_point() or t.is_complex())])
-            return tuple(tensors)
+            tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+            ctx.mark_non_differentiable(*[t for t in tensors if not t.requires_grad])
+            return tuple(t.detach().clone() for t in tensors)
 
         @staticmethod
         @once_differentiable

@@ -511,3 +511,16 @@ def test_verify_function_empty_output_is_skipped_with_a_note():
 def test_verify_function_only_empty_outputs_is_a_clear_error():
     with pytest.raises(InvalidArgumentError, match="every output of fn that requires grad is empty"):
         verify_function(lambda x: x[:0] * 2, _leaf(4))
+
+
+def test_verify_function_view_that_fn_reads_outside_of_is_a_clear_error():
+    base = torch.randn(20, dtype=torch.float64)
+    x = base[5:15].detach().requires_grad_(True)  # as_strided with offset 10 reads beyond the view
+    with pytest.raises(InvalidArgumentError, match="is a view into a larger storage"):
+        verify_function(lambda t: torch.as_strided(t, (2, 2), (1, 2), 10), x)
+
+
+def test_verify_function_own_error_with_a_view_input_propagates_unchanged():
+    x = torch.randn(20, dtype=torch.float64)[5:15].detach().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inconsistent tensor size"):
+        verify_function(lambda t: t @ torch.ones(3, dtype=t.dtype), x)

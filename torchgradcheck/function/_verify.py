@@ -424,6 +424,23 @@ def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]
     return raw, checked, [i for i, t in outs if not t.requires_grad or t.numel() == 0]
 
 
+def _runs_on_own_layout(call: _Call) -> bool:
+    """Does ``fn`` run on copies that keep each input's storage, strides and offset (where ours failed)?"""
+
+    def same_layout(t: torch.Tensor) -> torch.Tensor:
+        n = t.untyped_storage().nbytes() // t.element_size()
+        flat = torch.as_strided(t.detach(), (n,), (1,), 0).clone()  # the whole storage, copied
+        return flat.as_strided(t.shape, t.stride(), t.storage_offset())
+
+    values = {s.key: same_layout(s.original) for s in call.slots}
+    try:
+        with torch.no_grad():
+            call.fn(*_fill(call.args, values), **_fill(call.kwargs, values))
+    except Exception:
+        return False
+    return True
+
+
 def _first_call(call: _Call) -> Any:
     """``fn`` at the given inputs; a kernel that refuses the checking dtype gets an error naming dtype=None."""
     try:
@@ -431,6 +448,14 @@ def _first_call(call: _Call) -> Any:
     except (RuntimeError, TypeError, NotImplementedError) as exc:
         work = {p.dtype for p in call.leaves().values()}
         own = {s.original.dtype for s in call.slots}
+        views = [s for s in call.slots if s.original.storage_offset() or not s.original.is_contiguous()]
+        if views and _runs_on_own_layout(call):
+            raise InvalidArgumentError(
+                f"{_CALL}: fn failed on the contiguous copies that verify_function checks ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); {views[0].name} is a view into a larger storage (storage "
+                f"offset {views[0].original.storage_offset()}, strides {views[0].original.stride()}), which fn "
+                "may rely on (as_strided). Pass contiguous inputs, or wrap fn to build the view itself."
+            ) from exc
         if own <= work or not _DTYPE_ERROR.search(str(exc)):
             raise  # fn's own error, not our conversion: let it through untouched
         raise InvalidArgumentError(

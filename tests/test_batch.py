@@ -152,8 +152,9 @@ def test_batch_namedtuple_is_passed_whole_with_its_type():
 
 
 def test_batch_non_tensor_values_pass_through():
-    model_call, _ = _check({"x": _t(3), "scale": 2.5, "name": "abc"})
-    assert model_call[1] == ("dict", {"x": ("tensor", (3,), F64), "scale": ("float", 2.5), "name": ("str", "abc")})
+    """Plain Python scalars pass through; a string is an error naming it (issue 9, tests/test_trust_module.py)."""
+    model_call, _ = _check({"x": _t(3), "scale": 2.5, "flag": None})
+    assert model_call[1] == ("dict", {"x": ("tensor", (3,), F64), "scale": ("float", 2.5), "flag": ("NoneType", None)})
 
 
 def test_batch_integer_tensors_pass_through_unchanged():
@@ -172,7 +173,7 @@ def test_batch_integer_tensors_pass_through_unchanged():
     model = Emb()
     batch = ((idx, _t(3, 1)), _t(3, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, engine="loop")
+    report = verify_module(model, nn.MSELoss(), batch, engine="loop", mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
     assert all(i is idx for i in seen)
@@ -195,7 +196,7 @@ def test_batch_forward_callable_gets_model_and_converted_batch():
     model = Recorder()
     batch = {"x": _t(3), "k": 3, "ids": torch.arange(2)}
     before = snapshot(model)
-    report = verify_module(model, batch=batch, forward=forward)
+    report = verify_module(model, batch=batch, forward=forward, mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
     assert got[0] == ("dict", {"x": ("tensor", (3,), F64), "k": ("int", 3), "ids": ("tensor", (2,), torch.int64)})
@@ -204,7 +205,7 @@ def test_batch_forward_callable_gets_model_and_converted_batch():
 def test_batch_forward_callable_takes_any_batch():
     model = nn.Linear(3, 1)
     before = snapshot(model)
-    report = verify_module(model, batch=None, forward=lambda m, b: m(torch.ones(2, 3)).sum())
+    report = verify_module(model, batch=None, forward=lambda m, b: m(torch.ones(2, 3)).sum(), mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
 
@@ -214,7 +215,7 @@ def test_batch_float_tensors_reach_the_model_in_float64(engine):
     model = nn.Linear(3, 2)
     batch = (_t(4, 3), _t(4, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, engine=engine)
+    report = verify_module(model, nn.MSELoss(), batch, engine=engine, mode="full")
     assert report.passed, report
     assert report.options["dtype"] == "float64"
     assert_unchanged(before, model)
@@ -253,7 +254,7 @@ def test_batch_caller_tensors_are_never_modified(inputs, engine, dtype):
 
     model = M()
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, inputs=inputs, engine=engine)
+    report = verify_module(model, nn.MSELoss(), batch, inputs=inputs, engine=engine, mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
     _assert_batch_unchanged(state, batch)
@@ -278,7 +279,7 @@ def test_inputs_false_cannot_see_a_wrong_input_gradient(engine):
     model = _input_bug_model()
     batch = (_t(3, 4), _t(3, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, engine=engine)
+    report = verify_module(model, nn.MSELoss(), batch, engine=engine, mode="full")
     assert report.passed, report
     assert all(r.kind == "parameter" for r in report.results)
     assert_unchanged(before, model)
@@ -290,7 +291,7 @@ def test_inputs_true_catches_a_wrong_input_gradient(engine):
     batch = (_t(3, 4), _t(3, 2))
     state = _batch_state(batch)
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, inputs=True, engine=engine, localise=False)
+    report = verify_module(model, nn.MSELoss(), batch, inputs=True, engine=engine, localise=False, mode="full")
     assert not report.passed
     assert [(r.name, r.kind, r.status) for r in report.failures] == [("batch[0]", "input", "mismatch")]
     by_name = {r.name: r for r in report.results}
@@ -317,7 +318,7 @@ def test_inputs_true_passes_a_correct_model_and_names_nested_inputs(engine):
     model = M()
     batch = ((_t(4, 3), _t(4, 3), torch.tensor([0, 2])), _t(2, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, inputs=True, engine=engine)
+    report = verify_module(model, nn.MSELoss(), batch, inputs=True, engine=engine, mode="full")
     assert report.passed, report
     inputs = [r.name for r in report.results if r.kind == "input"]
     assert inputs == ["batch[0][0]", "batch[0][1]", "batch[1]"]  # the integer index is not a target
@@ -326,7 +327,7 @@ def test_inputs_true_passes_a_correct_model_and_names_nested_inputs(engine):
 
 def test_inputs_true_names_dict_entries():
     model = Recorder()
-    report = verify_module(model, LossRecorder(), ({"a": _t(3)}, _t(2)), inputs=True, engine="loop")
+    report = verify_module(model, LossRecorder(), ({"a": _t(3)}, _t(2)), inputs=True, engine="loop", mode="full")
     assert report.passed, report
     assert [r.name for r in report.results if r.kind == "input"] == ["batch[0]['a']", "batch[1]"]
 
@@ -335,7 +336,7 @@ def test_inputs_true_works_with_a_frozen_model():
     model = _input_bug_model().requires_grad_(False)
     batch = (_t(3, 4), _t(3, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, inputs=True, localise=False)
+    report = verify_module(model, nn.MSELoss(), batch, inputs=True, localise=False, mode="full")
     assert not report.passed
     assert [r.name for r in report.failures] == ["batch[0]"]
     assert {r.status for r in report.results if r.kind == "parameter"} == {"skipped"}
@@ -358,7 +359,7 @@ def test_batch_complex_tensors_keep_their_imaginary_part():
     model = Spectral()
     z = torch.randn(4, 3, dtype=torch.complex64)
     before = snapshot(model)
-    report = verify_module(model, lambda out: out.sum(), z, engine="loop")
+    report = verify_module(model, lambda out: out.sum(), z, engine="loop", mode="full")
     assert report.passed, str(report)
     assert_unchanged(before, model)
     assert seen[0].dtype == torch.complex128

@@ -14,7 +14,7 @@ ENGINES = ["loop", "auto"]
 def test_verify_module_fails_planted_bug(case, engine):
     model, loss_fn, batch = BUGS[case]()
     before = snapshot(model)
-    report = verify_module(model, loss_fn, batch, engine=engine)
+    report = verify_module(model, loss_fn, batch, engine=engine, mode="full")
     assert not report.passed, report
     assert_unchanged(before, model)
 
@@ -24,6 +24,6 @@ def test_verify_module_fails_planted_bug(case, engine):
 def test_verify_module_passes_correct_model(case, engine):
     model, loss_fn, batch = CORRECT[case]()
     before = snapshot(model)
-    report = verify_module(model, loss_fn, batch, engine=engine)
+    report = verify_module(model, loss_fn, batch, engine=engine, mode="full")
     assert report.passed, report
     assert_unchanged(before, model)

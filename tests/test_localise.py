@@ -58,7 +58,7 @@ def test_verify_module_blames_every_parameter_upstream_of_a_wrong_activation():
     """The symptom localisation exists for: a parameter-free op makes the parameters before it fail."""
     model, loss_fn, batch, _ = DEEP["deep_buggy_activation"]()
     params = ["encoder.layers.0.fc.bias", "encoder.layers.2.norm.bias", "encoder.layers.5.fc.bias", "head.bias"]
-    report = verify_module(model, loss_fn, batch, params=params)
+    report = verify_module(model, loss_fn, batch, params=params, mode="full")
     failed = {r.name for r in report.failures}
     assert failed == {"encoder.layers.0.fc.bias", "encoder.layers.2.norm.bias"}, report
 
@@ -290,15 +290,15 @@ def test_localise_user_forward_hooks_run_once_per_site():
 def test_verify_module_report_names_the_first_wrong_backward_only_on_failure():
     model, loss_fn, batch, culprit = DEEP["deep_buggy_activation"]()
     before = snapshot(model)
-    report = verify_module(model, loss_fn, batch)
+    report = verify_module(model, loss_fn, batch, mode="directional")
     assert not report.passed
     assert report.localisation.first_wrong == culprit
     assert f"first wrong backward: {culprit}" in str(report)
     assert report.to_dict()["localisation"]["first_wrong"] == culprit
     assert_unchanged(before, model)
-    assert verify_module(model, loss_fn, batch, localise=False).localisation is None
+    assert verify_module(model, loss_fn, batch, localise=False, mode="directional").localisation is None
     good, loss_fn, batch, _ = DEEP["deep_correct"]()
-    assert verify_module(good, loss_fn, batch).localisation is None
+    assert verify_module(good, loss_fn, batch, mode="directional").localisation is None
 
 
 def test_report_with_localisation_pickles():

@@ -43,7 +43,7 @@ def failure():
     gen = torch.Generator().manual_seed(3)
     batch = (torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, engine="loop", localise=False)
+    report = verify_module(model, nn.MSELoss(), batch, engine="loop", localise=False, mode="full")
     assert_unchanged(before, model)
     return report
 
@@ -106,7 +106,7 @@ def test_message_kink_is_reported_not_failed():
     model = Kinked()
     batch = torch.tensor([1.0, 2.0, 3.0])
     before = snapshot(model)
-    report = verify_module(model, lambda out: out.sum(), batch)
+    report = verify_module(model, lambda out: out.sum(), batch, mode="full")
     assert_unchanged(before, model)
     assert report.passed, str(report)
     text = str(report)
@@ -121,7 +121,7 @@ def test_message_nondeterministic_forward_is_noted():
     model = nn.Linear(3, 1)
     batch = torch.randn(2, 3)
     before = snapshot(model)
-    report = verify_module(model, lambda out: out.sum() + 1e-9 * rng.random(), batch)
+    report = verify_module(model, lambda out: out.sum() + 1e-9 * rng.random(), batch, mode="full")
     assert_unchanged(before, model)
     assert report.passed, str(report)
     notes = [n for n in report.notes if "nondeterministic" in n]
@@ -136,7 +136,7 @@ def test_message_nondeterministic_forward_is_noted():
 def test_message_vmap_fallback_is_noted():
     model = nn.Sequential(HandLinear(3, 2), nn.Tanh())
     batch = torch.randn(4, 3)
-    report = verify_module(model, lambda out: out.sum(), batch, engine="auto")
+    report = verify_module(model, lambda out: out.sum(), batch, engine="auto", mode="full")
     assert report.passed, str(report)
     assert report.engine == "loop"
     assert any(n.startswith("engine: loop, because vmap could not run the model (RuntimeError: ") for n in report.notes)
@@ -151,7 +151,7 @@ def test_message_engine_vmap_refuses_with_the_fix():
         match=r"^verify_module\(model, loss_fn, batch\): engine='vmap' is not usable here: "
         r"vmap could not run the model .*; use engine='auto'\.$",
     ):
-        verify_module(model, lambda out: out.sum(), batch, engine="vmap")
+        verify_module(model, lambda out: out.sum(), batch, engine="vmap", mode="full")
     assert_unchanged(before, model)
 
 
@@ -162,7 +162,7 @@ def test_message_default_failure_names_the_first_wrong_backward():
     gen = torch.Generator().manual_seed(3)
     batch = (torch.randn(5, 8, generator=gen), torch.randn(5, 4, generator=gen))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch)
+    report = verify_module(model, nn.MSELoss(), batch, mode="full")
     assert_unchanged(before, model)
     with pytest.raises(
         GradientMismatchError,

@@ -33,7 +33,7 @@ def test_noise_from_samples_is_zero_without_noise():
 
 def test_norm_ratio_dilutes_one_element_bug_but_element_check_catches_it():
     model, loss_fn, batch = one_element_wrong()  # 1 % error in 1 of 2,000 elements
-    report = verify_module(model, loss_fn, batch)
+    report = verify_module(model, loss_fn, batch, mode="full")
     bad = report.failures[0]
     assert bad.relative_error < 1e-3  # the textbook ratio would pass it at the usual 1e-3 ... 1e-2
     worst = bad.worst[0]
@@ -43,7 +43,7 @@ def test_norm_ratio_dilutes_one_element_bug_but_element_check_catches_it():
 def test_offset_loss_fails_fixed_atol_gradcheck_but_passes_here():
     """Cancellation noise ~1e-5 from a 1e6 offset: gradcheck's fixed atol false-alarms; the noise estimate does not."""
     model, loss_fn, batch = offset_loss()
-    assert verify_module(model, loss_fn, batch).passed
+    assert verify_module(model, loss_fn, batch, mode="full").passed
     model = model.double()
     x, y = batch[0].double(), batch[1]
     names = [n for n, _ in model.named_parameters()]
@@ -58,7 +58,7 @@ def test_offset_loss_fails_fixed_atol_gradcheck_but_passes_here():
 
 def test_tiny_gradients_with_ten_percent_error_hide_under_fixed_atol_but_not_here():
     model, loss_fn, batch = tiny_gradients(bug=True)
-    report = verify_module(model, loss_fn, batch)
+    report = verify_module(model, loss_fn, batch, mode="full")
     assert not report.passed
     bad = report.failures[0]
     assert bad.max_abs_error < 1e-5  # under gradcheck's default atol=1e-5, and under its rtol*|n| too
@@ -192,12 +192,14 @@ def test_mostly_kinks_is_inconclusive_and_says_so():
     report = verify_module(ReLUAtZero(), lambda out: out, torch.ones(10), mode="full")
     (r,) = report.results
     assert r.status == "inconclusive"
-    assert report.passed  # never a failure (the issue's rule), but never an "ok" either
+    assert r.passed  # never a failure (the issue's rule), but never an "ok" either ...
+    assert not report.passed  # ... and with nothing else checked, no verdict: nothing was tested (issue 9, C3)
+    assert "nothing was tested with power" in report.headline()
     assert r.excluded == 10
     assert "too few left to judge" in str(report)
 
 
-def test_abs_at_zero_passes_by_symmetry():
+def test_abs_at_zero_is_no_false_alarm():
     class AbsAtZero(nn.Module):
         def __init__(self):
             super().__init__()
@@ -206,7 +208,11 @@ def test_abs_at_zero_passes_by_symmetry():
         def forward(self, x):
             return (self.w.abs() * x).sum()
 
-    assert verify_module(AbsAtZero(), lambda out: out, torch.ones(3), mode="full").passed
+    report = verify_module(AbsAtZero(), lambda out: out, torch.ones(3), mode="full")
+    (r,) = report.results
+    assert r.status == "zero"  # both sides 0 by symmetry: no failure ...
+    assert r.failed == 0
+    assert not report.passed  # ... but nothing was tested either (issue 9, C3)
 
 
 def test_one_element_error_in_ten_thousand_is_caught_with_default_options():

@@ -18,8 +18,12 @@ from torchgradcheck import verify_function
 
 _OPS = {oc.op_id(op): op for op in oc.load_ops()}
 
-# `load_ops` restores the backend flags that importing op_db froze; the frozen-flags harness itself
-# (``torch.backends.disable_global_flags()``) is issue 9's A1, tested on its own.
+
+@pytest.fixture(autouse=True)
+def _pytorch_test_harness():
+    """Backend flags frozen, as ``common_utils`` leaves them in PyTorch's own test processes."""
+    with oc.frozen_flags():
+        yield
 
 
 def _first_case(name):

@@ -46,7 +46,7 @@ def test_float32_only_kernel_gets_a_clear_error_naming_dtype_none():
     model, batch = _Net(1.0), _batch()
     before = snapshot(model)
     with pytest.raises(InvalidArgumentError, match=r"failed when run in torch.float64 .*pass dtype=None"):
-        verify_module(model, nn.CrossEntropyLoss(), batch)
+        verify_module(model, nn.CrossEntropyLoss(), batch, mode="full")
     assert_unchanged(before, model)
 
 
@@ -89,7 +89,7 @@ class _Jittery(nn.Module):
 def test_nondeterministic_forward_is_reported_and_tolerated():
     model = _Jittery(1e-10)
     batch = (torch.randn(5, 6), torch.randn(5, 2))
-    report = verify_module(model, F.mse_loss, batch, engine="loop")
+    report = verify_module(model, F.mse_loss, batch, engine="loop", mode="full")
     assert report.passed, report
     assert any("nondeterministic beyond torch's RNG" in n for n in report.notes)
     assert "differ by" in str(report)
@@ -98,7 +98,7 @@ def test_nondeterministic_forward_is_reported_and_tolerated():
 def test_nondeterministic_forward_still_fails_a_real_bug():
     model = _Jittery(1e-10)
     model.fc.weight.register_hook(lambda g: g * 1.1)
-    report = verify_module(model, F.mse_loss, (torch.randn(5, 6), torch.randn(5, 2)), engine="loop")
+    report = verify_module(model, F.mse_loss, (torch.randn(5, 6), torch.randn(5, 2)), engine="loop", mode="full")
     assert not report.passed
     assert [r.name for r in report.failures] == ["fc.weight"]
 
@@ -118,12 +118,12 @@ class _ItemControlFlow(nn.Module):
 def test_engine_falls_back_to_loop_and_says_why():
     model = _ItemControlFlow()
     batch = (torch.randn(5, 4), torch.randn(5, 3))
-    report = verify_module(model, F.mse_loss, batch)
+    report = verify_module(model, F.mse_loss, batch, mode="full")
     assert report.passed, report
     assert report.engine == "loop"
     assert any("vmap could not run the model" in n for n in report.notes)
     with pytest.raises(InvalidArgumentError, match="engine='vmap' is not usable here"):
-        verify_module(model, F.mse_loss, batch, engine="vmap")
+        verify_module(model, F.mse_loss, batch, engine="vmap", mode="full")
 
 
 @pytest.mark.parametrize("bug", [False, True])
@@ -146,7 +146,7 @@ def test_float32_model_is_checked_in_float64_by_default_and_restored():
     model, loss_fn, batch = mlp(None, sizes=(6, 7, 3))
     model.float()
     before = snapshot(model)
-    report = verify_module(model, loss_fn, batch)
+    report = verify_module(model, loss_fn, batch, mode="full")
     assert report.passed
     assert report.options["dtype"] == "float64"
     assert report.results[0].worst[0].tolerance < 1e-6  # float64 sharpness, not float32's

@@ -70,7 +70,7 @@ def every_status():
     gen = torch.Generator().manual_seed(2)
     batch = (torch.randn(4, 3, generator=gen), torch.randn(4, 2, generator=gen))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, params=PATTERNS, localise=False)
+    report = verify_module(model, nn.MSELoss(), batch, params=PATTERNS, localise=False, mode="full")
     assert_unchanged(before, model)
     return report
 
@@ -139,7 +139,7 @@ def test_report_records_options_and_cost(every_status):
     assert options["seed"] == 0
     assert every_status.evaluations > 2 * 6
     assert every_status.seconds > 0
-    assert every_status.engine in ("loop", "vmap")
+    assert every_status.engine in ("loop", "vmap", "cone")
 
 
 def test_report_passing_headline():
@@ -147,7 +147,7 @@ def test_report_passing_headline():
     model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     batch = (torch.randn(5, 3), torch.randn(5, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch)
+    report = verify_module(model, nn.MSELoss(), batch, mode="full")
     assert_unchanged(before, model)
     assert report.passed
     assert bool(report)
@@ -231,7 +231,7 @@ def test_report_str_names_the_wrong_element():
     model.add_module("encoder", Net())
     batch = (torch.randn(6, 10), torch.randint(0, 3, (6,)))
     before = snapshot(model)
-    report = verify_module(model, nn.CrossEntropyLoss(), batch, localise=False)
+    report = verify_module(model, nn.CrossEntropyLoss(), batch, localise=False, mode="full")
     assert_unchanged(before, model)
     text = str(report)
     assert [r.name for r in report.failures] == ["encoder.fc1.weight"]
@@ -480,7 +480,7 @@ def test_report_to_dict_with_localisation_is_json():
     model = nn.Sequential(HandLinear(3, 4, lambda gx, gw, gb: (gx, 2 * gw, gb)), nn.Tanh(), nn.Linear(4, 2))
     batch = (torch.randn(5, 3), torch.randn(5, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch)
+    report = verify_module(model, nn.MSELoss(), batch, mode="full")
     assert_unchanged(before, model)
     data = json.loads(json.dumps(report.to_dict(), allow_nan=False))
     assert data["passed"] is False
@@ -493,7 +493,7 @@ def test_report_repr_fits_pytest_assertion_messages():
     import corpus
 
     torch.manual_seed(0)
-    report = verify_module(*corpus.one_element_wrong(), localise=False)
+    report = verify_module(*corpus.one_element_wrong(), localise=False, mode="full")
     text = repr(report)
     assert len(text) <= 240
     assert text.startswith("<Report verify_module: FAILED")

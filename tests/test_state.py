@@ -57,7 +57,7 @@ def test_verify_module_leaves_model_unchanged_after_pass(engine, dtype):
     stale = _stale_grads(model)
     x, y = _data(dtype=dtype)
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), (x, y), engine=engine)
+    report = verify_module(model, nn.MSELoss(), (x, y), engine=engine, mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
     assert model[0].weight.grad is stale
@@ -73,7 +73,9 @@ def test_verify_module_leaves_model_unchanged_after_failure(engine):
     x, y = _data()
     before = snapshot(model)
     # default options for "auto" (a failure then localises the wrong backward, which must restore too)
-    report = verify_module(model, nn.MSELoss(), (x, y), engine=engine, localise=None if engine == "auto" else False)
+    report = verify_module(
+        model, nn.MSELoss(), (x, y), engine=engine, localise=None if engine == "auto" else False, mode="full"
+    )
     assert not report.passed
     assert [r.name for r in report.failures] == ["0.weight"]
     assert_unchanged(before, model)
@@ -86,7 +88,7 @@ def test_verify_module_keeps_noncontiguous_parameter_layout():
     model.weight = nn.Parameter(torch.randn(4, 3).t())  # stride (1, 3)
     x, y = _data(4, 3)
     before = snapshot(model)
-    assert verify_module(model, nn.MSELoss(), (x, y)).passed
+    assert verify_module(model, nn.MSELoss(), (x, y), mode="full").passed
     assert_unchanged(before, model)
     assert model.weight.stride() == (1, 3)
 
@@ -97,7 +99,7 @@ def test_verify_module_keeps_frozen_flags_and_training_flags():
     model[1].eval()  # mixed: BatchNorm in eval inside a model in train mode
     batch = (torch.randn(7, 5), torch.randn(7, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch)
+    report = verify_module(model, nn.MSELoss(), batch, mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
     assert model.training
@@ -116,7 +118,7 @@ def test_verify_module_batchnorm_buffers_do_not_drift_in_train_mode(engine):
     values = (mean.clone(), var.clone(), count.clone())
     batch = (torch.randn(7, 5), torch.randn(7, 2))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, engine=engine)
+    report = verify_module(model, nn.MSELoss(), batch, engine=engine, mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
     assert bn.running_mean is mean
@@ -137,7 +139,7 @@ def test_verify_module_every_evaluation_starts_from_the_same_buffers():
     )
     batch = (torch.randn(5, 3), torch.randn(5, 1))
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), batch, engine="loop")
+    report = verify_module(model, nn.MSELoss(), batch, engine="loop", mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
     assert len(seen) > 50
@@ -158,7 +160,7 @@ def test_verify_module_keeps_hooks_and_fires_parameter_hooks(engine):
     model[3].register_full_backward_hook(lambda mod, gin, gout: None)
     x, y = _data()
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), (x, y), engine=engine)
+    report = verify_module(model, nn.MSELoss(), (x, y), engine=engine, mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
     # the analytical side is the user's own loss.backward(): their parameter hooks ran, in float64
@@ -177,7 +179,7 @@ def test_verify_module_does_not_advance_caller_rng(engine):
     expected = torch.rand(5)
     torch.manual_seed(123)
     before = snapshot(model)
-    verify_module(model, nn.MSELoss(), (x, y), engine=engine, seed=7)
+    verify_module(model, nn.MSELoss(), (x, y), engine=engine, seed=7, mode="full")
     assert_unchanged(before, model)
     assert torch.equal(torch.rand(5), expected)
 
@@ -190,8 +192,8 @@ def test_verify_module_restores_default_dtype(default):
     torch.set_default_dtype(default)
     try:
         before = snapshot(model)
-        verify_module(model, nn.MSELoss(), (x, y), dtype=torch.float32)
-        verify_module(model, nn.MSELoss(), (x, y))
+        verify_module(model, nn.MSELoss(), (x, y), dtype=torch.float32, mode="full")
+        verify_module(model, nn.MSELoss(), (x, y), mode="full")
         assert_unchanged(before, model)
         assert torch.get_default_dtype() == default
     finally:
@@ -204,7 +206,7 @@ def test_verify_module_under_no_grad_checks_and_keeps_grad_mode(engine):
     x, y = _data()
     with torch.no_grad():
         before = snapshot(model)
-        report = verify_module(model, nn.MSELoss(), (x, y), engine=engine)
+        report = verify_module(model, nn.MSELoss(), (x, y), engine=engine, mode="full")
         assert not torch.is_grad_enabled()
         assert_unchanged(before, model)
     assert report.passed, report
@@ -216,7 +218,7 @@ def test_verify_module_under_no_grad_still_catches_a_bug():
     x, y = _data()
     with torch.no_grad():
         before = snapshot(model)
-        report = verify_module(model, nn.MSELoss(), (x, y), localise=False)
+        report = verify_module(model, nn.MSELoss(), (x, y), localise=False, mode="full")
         assert_unchanged(before, model)
     assert not report.passed
 
@@ -230,7 +232,7 @@ def test_verify_module_dropout_sees_the_same_mask_in_every_evaluation():
     model[1].register_forward_hook(lambda mod, inp, out: masks.append((out == 0) & (inp[0] != 0)))
     x, y = _data()
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), (x, y), engine="loop")
+    report = verify_module(model, nn.MSELoss(), (x, y), engine="loop", mode="full")
     assert report.passed, report
     assert_unchanged(before, model)
     assert len(masks) > 500
@@ -245,7 +247,7 @@ def test_verify_module_seed_option_changes_the_mask():
     x, y = _data()
     before = snapshot(model)
     for seed in (0, 1):
-        assert verify_module(model, nn.MSELoss(), (x, y), engine="loop", seed=seed).passed
+        assert verify_module(model, nn.MSELoss(), (x, y), engine="loop", seed=seed, mode="full").passed
     assert_unchanged(before, model)
     handle.remove()
     assert not torch.equal(masks[0], masks[1])
@@ -257,7 +259,7 @@ def test_verify_module_passes_dropout_in_train_mode(engine):
     model = nn.Sequential(nn.Linear(12, 16), nn.Dropout(0.5), nn.Tanh(), nn.Linear(16, 3)).train()
     x, y = _data()
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), (x, y), engine=engine)
+    report = verify_module(model, nn.MSELoss(), (x, y), engine=engine, mode="full")
     assert report.passed, report
     assert report.notes == () or all("nondeterministic" not in n for n in report.notes)
     assert_unchanged(before, model)
@@ -275,7 +277,7 @@ def _count_calls(engine):
         calls[0] += 1
         return ((out - t) ** 2).mean()
 
-    verify_module(_mlp(), loss, _data(), engine=engine)
+    verify_module(_mlp(), loss, _data(), engine=engine, mode="full")
     return calls[0]
 
 
@@ -299,7 +301,7 @@ def test_verify_module_restores_everything_when_the_loss_raises_halfway(engine):
     with torch.no_grad():
         before = snapshot(model)
         with pytest.raises(RuntimeError, match="loss failed at call"):
-            verify_module(model, loss, (x, y), engine=engine)
+            verify_module(model, loss, (x, y), engine=engine, mode="full")
         assert_unchanged(before, model)
     assert model[0].weight.grad is stale
     assert calls[0] >= fail_at
@@ -323,11 +325,11 @@ def test_verify_module_restores_everything_on_keyboard_interrupt_in_forward(engi
     x, y = _data()
     before = snapshot(model)
     with pytest.raises(KeyboardInterrupt):
-        verify_module(model, nn.MSELoss(), (x, y), engine=engine)
+        verify_module(model, nn.MSELoss(), (x, y), engine=engine, mode="full")
     assert_unchanged(before, model)
     # and the model (and torch) still work: a second check after the interruption passes
     calls[0] = -(10**9)
-    assert verify_module(model, nn.MSELoss(), (x, y), engine=engine).passed
+    assert verify_module(model, nn.MSELoss(), (x, y), engine=engine, mode="full").passed
     assert_unchanged(before, model)
 
 
@@ -345,7 +347,7 @@ def test_verify_module_restores_buffers_when_interrupted():
     batch = (torch.randn(7, 5), torch.randn(7, 2))
     before = snapshot(model)
     with pytest.raises(KeyboardInterrupt):
-        verify_module(model, nn.MSELoss(), batch)
+        verify_module(model, nn.MSELoss(), batch, mode="full")
     assert_unchanged(before, model)
     assert int(model[1].num_batches_tracked) == 1
 
@@ -360,7 +362,7 @@ def test_verify_module_keeps_cuda_model_and_cuda_rng(engine):
     x, y = (t.cuda() for t in _data())
     cuda_rng = torch.cuda.get_rng_state_all()
     before = snapshot(model)
-    report = verify_module(model, nn.MSELoss(), (x, y), engine=engine)
+    report = verify_module(model, nn.MSELoss(), (x, y), engine=engine, mode="full")
     assert report.passed, report
     assert report.options["device"].startswith("cuda")
     assert_unchanged(before, model)
@@ -381,7 +383,7 @@ def test_verify_module_keeps_a_pending_graph_usable(engine):
     expected = torch.autograd.grad(nn.MSELoss()(model(x), y), list(model.parameters()))
     versions = [p._version for p in model.parameters()]
     before = snapshot(model)
-    assert verify_module(model, nn.MSELoss(), (x, y), engine=engine).passed
+    assert verify_module(model, nn.MSELoss(), (x, y), engine=engine, mode="full").passed
     assert_unchanged(before, model)
     assert [p._version for p in model.parameters()] == versions
     pending.backward()
@@ -396,7 +398,7 @@ def test_verify_module_keeps_a_stale_sparse_grad():
     stale = model[0].weight.grad
     assert stale.is_sparse
     before = snapshot(model)
-    assert verify_module(model, nn.MSELoss(), (idx, target)).passed
+    assert verify_module(model, nn.MSELoss(), (idx, target), mode="full").passed
     assert_unchanged(before, model)
     assert model[0].weight.grad is stale
 
@@ -412,7 +414,7 @@ def test_verify_module_restores_everything_on_interrupt_inside_backward():
     x, y = _data()
     before = snapshot(model)
     with pytest.raises(KeyboardInterrupt):
-        verify_module(model, nn.MSELoss(), (x, y))
+        verify_module(model, nn.MSELoss(), (x, y), mode="full")
     assert_unchanged(before, model)
     assert model[0].weight.grad is stale
     assert model[3].weight.grad is None
@@ -425,7 +427,7 @@ def test_verify_module_works_under_inference_mode_and_keeps_it(engine):
     with torch.inference_mode():
         idx, target = torch.randint(0, 5, (4, 2)), torch.randn(4, 2)  # inference tensors
         before = snapshot(model)
-        report = verify_module(model, nn.MSELoss(), (idx, target), engine=engine)
+        report = verify_module(model, nn.MSELoss(), (idx, target), engine=engine, mode="full")
         assert_unchanged(before, model)
         assert torch.is_inference_mode_enabled()
     assert report.passed, str(report)
@@ -437,7 +439,7 @@ def test_verify_module_under_inference_mode_still_catches_a_bug():
     with torch.inference_mode():
         x, y = _data()
         before = snapshot(model)
-        report = verify_module(model, nn.MSELoss(), (x, y), localise=False)
+        report = verify_module(model, nn.MSELoss(), (x, y), localise=False, mode="full")
         assert_unchanged(before, model)
     assert [r.name for r in report.failures] == ["0.weight"]
 
@@ -458,7 +460,7 @@ def test_tf32_is_off_during_a_check_and_restored_after():
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     try:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-        verify_module(Spy(), lambda out: out.sum(), torch.randn(2, 3), engine="loop", localise=False)
+        verify_module(Spy(), lambda out: out.sum(), torch.randn(2, 3), engine="loop", localise=False, mode="full")
         assert set(seen) == {(False, False)}
         assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32) == (True, True)
     finally:

@@ -145,3 +145,16 @@ def test_the_structure_checks_can_fail(tmp_path):
 def test_subpackages_say_what_they_may_import(sub):
     text = (PACKAGE / sub / "README.md").read_text()
     assert "What it may import" in text
+
+
+def test_readme_development_section_names_every_package_file():
+    readme = (PACKAGE.parent / "README.md").read_text()
+    start = readme.index("The pipeline reads in the file names")
+    end = readme.find("\n## ", start)
+    section = readme[start : end if end > 0 else len(readme)]
+    missing = [
+        str(p.relative_to(PACKAGE))
+        for p in sorted(PACKAGE.rglob("*.py"))
+        if p.name != "__init__.py" and f"`{p.name}`" not in section
+    ]
+    assert missing == [], f"add these to the README's development section: {missing}"

@@ -77,6 +77,8 @@ def _judge(fn, args) -> tuple[str, str]:
     rows = "; ".join(f"{r.name}: {r.status}" for r in report.failures)[:400]
     if report.passed:
         return "pass", "; ".join(getattr(report, "warnings", ()))[:400]
+    if not report.failures:  # every row passed but nothing had power (a zero gradient): no verdict
+        return "nopower", report.headline()[:300]
     return "FAIL", rows
 
 
@@ -113,7 +115,7 @@ def main() -> None:
             row = {"class": kind, "op": op, "sample": i, "verdict": verdict, "detail": detail, "s": round(seconds, 3)}
             out.write(json.dumps({**row, **extra}) + "\n")
             out.flush()
-            if verdict not in ("pass", "caught", "vacuous", "invalid", "skipped", "timeout"):
+            if verdict not in ("pass", "caught", "vacuous", "invalid", "skipped", "timeout", "nopower"):
                 print(f"{kind:7s} {op:40s} #{i} {verdict}: {detail[:200]}", flush=True)
 
         for n, op in enumerate(ops):
@@ -150,8 +152,9 @@ def main() -> None:
             for m in oc.mutants(len(args)):
                 t = time.perf_counter()
                 v, d = _verdict(oc.wrapped(fn, len(args), m), args, m, timeout=a.timeout)
-                if v == "pass":
-                    v = "vacuous" if m.changed <= 1e-12 * max(1.0, m.scale) else "missed"
+                if v in ("pass", "nopower"):
+                    vacuous = m.changed <= 1e-12 * max(1.0, m.scale)
+                    v = "vacuous" if vacuous else ("missed" if v == "pass" else "nopower")
                 elif v == "FAIL":
                     v = "caught"
                 record(

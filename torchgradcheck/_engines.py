@@ -312,6 +312,11 @@ def vmap_agrees(engine: VmapEngine, target: Target, loss0: torch.Tensor, slack: 
     return None
 
 
+def dynamo_imported() -> bool:
+    """Whether ``torch._dynamo`` (which the cone engine needs) is already imported in this process."""
+    return "torch._dynamo" in sys.modules
+
+
 class EngineSwitch:
     """The engine in use, and THE switch when it fails mid-check (noted, never silent).
 
@@ -353,7 +358,7 @@ class EngineSwitch:
         pending, self.cone_trial = self.cone_trial, None
         if pending is None or self.engine.name != "vmap":
             return
-        if planned < CONE_MIN_EVALUATIONS and "torch._dynamo" not in sys.modules:
+        if planned < CONE_MIN_EVALUATIONS and not dynamo_imported():
             return
         trial, *args = pending
         found, why = trial(self.loop, *args)

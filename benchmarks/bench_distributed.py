@@ -125,6 +125,98 @@ def _print(engine: str, rows: list[tuple[int, float, float, int]]) -> None:
         )
 
 
+# ------------------------------------------------------------------ DTensor: tensor parallel and FSDP2
+
+
+def _dtensor_problem(kind: str, rank: int, world: int, bug: bool) -> tuple[nn.Module, Any, Any]:
+    """The same MLP, tensor parallel (Colwise 0, Rowwise 2, layer 4 plain) or FSDP2 (every Linear + root)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    model, loss_fn, batch = _problem(bug=False)
+    mesh = init_device_mesh("cpu", (world,))
+    if kind == "tp":
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel()})
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in (0, 2, 4):
+            fully_shard(model[layer], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    if bug and rank == 1:  # a bug on one rank only: rank 1 scales its shard's gradient of 0.weight by 1.01
+        if kind == "tp":
+            model[0].weight.register_hook(lambda g: g * 1.01)
+        else:
+            model[0].weight.register_post_accumulate_grad_hook(lambda p: p.grad.mul_(1.01))
+    return model, loss_fn, batch
+
+
+def _dtensor_entry(rank: int, world: int, init: str, out: str, kind: str, bug: bool) -> None:
+    from torchgradcheck import verify_distributed
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=init, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=DEADLINE)
+    )
+    try:
+        model, loss_fn, batch = _dtensor_problem(kind, rank, world, bug)
+        report = verify_distributed(model, loss_fn, batch)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    (Path(out) / f"rank{rank}.pkl").write_bytes(pickle.dumps(report))
+
+
+def dtensor_check(kind: str, bug: bool = False) -> Any:
+    """Rank 0's report of a 2-rank check of the DTensor model (`kind` "tp" or "fsdp2")."""
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(
+            _dtensor_entry, args=(2, f"file://{tmp}/pg", tmp, kind, bug), nprocs=2, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + DEADLINE
+        while not ctx.join(timeout=1.0):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.terminate()
+                raise TimeoutError(f"the {kind} check did not finish within {DEADLINE} s")
+        return pickle.loads((Path(tmp) / "rank0.pkl").read_bytes())
+
+
+def measure_dtensor() -> list[tuple[str, float, int]]:
+    """(what, seconds, evaluations per rank): one process (loop engine), then TP and FSDP2 on 2 ranks."""
+    from torchgradcheck import verify_module
+
+    torch.set_num_threads(1)
+    model, loss_fn, batch = _problem(bug=False)
+    single = verify_module(model, loss_fn, batch, mode="full", engine="loop")
+    assert single.passed, single
+    rows = [("1 process, plain MLP (loop)", single.seconds, single.evaluations)]
+    for kind in ("tp", "fsdp2"):
+        report = dtensor_check(kind)
+        assert report.passed, report
+        buggy = dtensor_check(kind, bug=True)
+        assert [f.name for f in buggy.failures] == ["0.weight"], buggy
+        assert "failing elements on rank 1 only" in buggy.failures[0].note, buggy
+        rows.append((f"2 ranks, {kind} (lockstep)", report.seconds, report.evaluations))
+    return rows
+
+
+def test_bench_dtensor_tp_and_fsdp2():
+    """Benchmark the 2-rank DTensor checks (TP, FSDP2) against the single-process loop check of the same MLP."""
+    rows = measure_dtensor()
+    print()
+    _print_dtensor(rows)
+
+
+def _print_dtensor(rows: list[tuple[str, float, int]]) -> None:
+    for what, seconds, evaluations in rows:
+        print(f"{what:30s} {seconds:7.2f} s (x{seconds / rows[0][1]:.2f})  {evaluations:,} evaluations per rank")
+
+
 if __name__ == "__main__":
-    for eng in sys.argv[1:] or ["loop", "auto"]:
-        _print(eng, measure(eng))
+    if sys.argv[1:] == ["dtensor"]:
+        _print_dtensor(measure_dtensor())
+    else:
+        for eng in sys.argv[1:] or ["loop", "auto"]:
+            _print(eng, measure(eng))

@@ -10,6 +10,9 @@ from torch import nn
 
 
 def _bits(t: torch.Tensor) -> tuple:
+    if hasattr(t, "placements") and hasattr(t, "_local_tensor"):  # a DTensor: its placements and this rank's shard
+        local = t._local_tensor
+        return ("dtensor", str(t.placements), tuple(t.shape), id(local), local.data_ptr(), _bits(local))
     t = t.detach()
     if t.is_sparse:
         t = t.coalesce()

@@ -22,6 +22,7 @@ from torch import nn
 from ._accumulation import AccumulationVerdict, apply_accumulation, check_accumulation
 from ._batch import BatchError, Objective, check_loss, convert_batch, module_is_lazy
 from ._compare import DTYPE_DEFAULTS
+from ._dtensor import is_dtensor, local_grad
 from ._engines import EngineSwitch, LoopEngine, choose_engine
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._measure import Settings
@@ -242,7 +243,7 @@ def analytical(
             f"{str(exc).splitlines()[0][:200]}); its own dtype is {sorted(map(str, own))}. If its kernels "
             "only run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
         ) from exc
-    grads = {t.name: dense_grad(t.param.grad if t.param is not None else None) for t in targets}
+    grads = {t.name: _grad(t) for t in targets}
     if accumulation is not None and targets:
         found, why = check_accumulation(loss, targets, grads, DTYPE_DEFAULTS[targets[0].tensor.dtype].rtol)
         accumulation.update(found)
@@ -255,3 +256,9 @@ def analytical(
             t.tensor.grad = None
     torch.set_grad_enabled(False)
     return loss.detach().to(torch.float64), grads
+
+
+def _grad(t: Target) -> torch.Tensor | None:
+    """`t`'s ``.grad`` as a flat float64 copy; of a DTensor, this rank's block, which the check perturbs."""
+    grad = t.param.grad if t.param is not None else None
+    return local_grad(t.param, grad) if is_dtensor(t.param) else dense_grad(grad)

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ._dtensor import is_dtensor, local_tensor
+
 __all__ = ["Lent", "Target", "lend_model", "parameter_names", "select_parameters"]
 
 
@@ -60,6 +62,9 @@ class Lent:
     saved_buffers: list[tuple[nn.Module, str, torch.Tensor]] = field(default_factory=list)
     working_buffers: list[tuple[nn.Module, str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     training: list[tuple[nn.Module, bool]] = field(default_factory=list)
+    # DTensor parameters are checked in place (their collectives read their own storage): the local
+    # tensor and a copy of its values, written back on restore
+    saved_local: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     def reset_buffers(self) -> None:
         """Put every buffer back to its value at the start of the check (before each evaluation)."""
@@ -76,9 +81,13 @@ class Lent:
         """Hand everything back; idempotent and safe to call from ``finally``."""
         for saved in self.saved_params:
             saved.param.grad = None
-            saved.param.data = saved.data
+            if not is_dtensor(saved.param):
+                saved.param.data = saved.data
             saved.param.grad = saved.grad
             saved.param.requires_grad_(saved.requires_grad)
+        with torch.no_grad():
+            for local, values in self.saved_local:
+                local.copy_(values)
         for module, name, original in self.saved_buffers:
             module._buffers[name] = original
         for module, mode in self.training:
@@ -87,6 +96,8 @@ class Lent:
 
 def _working_copy(tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
     target_dtype = dtype if (dtype is not None and tensor.is_floating_point()) else tensor.dtype
+    if is_dtensor(tensor):  # a DTensor buffer: a DTensor copy (copy_ into a plain tensor would mix the two)
+        return tensor.detach().to(target_dtype).clone()
     out = torch.empty(tensor.shape, dtype=target_dtype, device=tensor.device)
     with torch.no_grad():
         out.copy_(tensor.detach())
@@ -106,7 +117,11 @@ def lend_model(model: nn.Module, dtype: torch.dtype | None) -> Iterator[Lent]:
             seen.add(id(param))
             lent.saved_params.append(_Saved(param, param.data, param.grad, param.requires_grad))
             param.grad = None
-            param.data = _working_copy(param.data, dtype)
+            if is_dtensor(param):
+                local = local_tensor(param)
+                lent.saved_local.append((local, local.clone()))
+            else:
+                param.data = _working_copy(param.data, dtype)
         copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for module in model.modules():
             for name, buf in list(module._buffers.items()):

@@ -16,6 +16,10 @@ unperturbed point and at every evaluated point. For ``DistributedDataParallel`` 
 the mean over ranks of each rank's loss, because DDP's all-reduce averages the ranks' gradients:
 the averaged ``.grad`` is the gradient of that mean. Gradients of replicated tensors must agree
 across ranks; a divergence fails the tensor with status "diverged".
+
+DTensor parameters carry their own placement (`_dtensor`): a ``Shard`` one is "sharded", its blocks
+reported together by global index; a ``Replicate`` one is "replicated". FSDP2 (``fully_shard``) is
+data parallel like DDP: the objective is the mean of the ranks' losses.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 import torch.distributed as dist
 
 from .._batch import Objective, input_targets
+from .._dtensor import is_dtensor
 from .._engines import LoopEngine
 from .._errors import InvalidArgumentError, InvalidArgumentTypeError
 from .._measure import Settings, TensorCheck, measure, noise_level, summarise
@@ -48,6 +53,7 @@ from ._collectives import (
     spread,
     target_generator,
 )
+from ._dtensor import dtensor_placements, global_result, reshard, shard_block
 
 __all__ = ["LockstepEngine", "measure_agreed", "resolve_placement", "run_lockstep"]
 
@@ -113,14 +119,16 @@ class LockstepEngine(LoopEngine):
 
 
 class _MeanOverRanks(Objective):
-    """DDP's objective: the mean over ranks of each rank's own loss (evaluations only, no graph)."""
+    """DDP's and FSDP2's objective: the mean over ranks of each rank's own loss (evaluations only, no graph)."""
 
-    def __init__(self, inner: Objective, group: Any) -> None:
+    def __init__(self, inner: Objective, group: Any, fsdp: list[Any]) -> None:
         super().__init__(inner.loss_fn, inner.batch, inner.forward)
         self.group = group
+        self.fsdp = fsdp
 
     def __call__(self, model: Any) -> Any:
         local = torch.as_tensor(super().__call__(model)).detach()
+        reshard(self.fsdp)  # FSDP2 keeps the root unsharded after a forward: the next one must all-gather again
         return reduced(local.reshape(1), dist.ReduceOp.SUM, self.group)[0] / dist.get_world_size(self.group)
 
 
@@ -222,10 +230,19 @@ def run_lockstep(
     group: Any,
     notes: list[str],
     tick: Tick,
+    fsdp: list[Any] | None = None,
 ) -> tuple[list[TensorResult], int, float]:
-    """Check a distributed model; returns the merged results, the forwards per rank, the relative error."""
-    names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
-    where = resolve_placement(placement, names)
+    """Check a distributed model; returns the merged results, the forwards per rank, the relative error.
+
+    DTensor parameters carry their own placement (`_dtensor`); `fsdp` lists the FSDP2 modules: their
+    objective is the mean of the ranks' losses (as for DDP), and they are resharded after every forward.
+    """
+    where, dtensors = _layout(lent, objective, targets, placement, group, notes)
+    if fsdp and any(t.kind == "input" for t in targets):
+        raise InvalidArgumentError(
+            f"{CALL}: an FSDP2 (fully_shard) model is data parallel: each rank's batch reaches only its own loss, "
+            "so inputs=True is not supported (check input gradients with verify_module)."
+        )
     if is_ddp and (any(v == "sharded" for v in where.values()) or any(t.kind == "input" for t in targets)):
         raise InvalidArgumentError(
             f"{CALL}: a DistributedDataParallel model is replicated and DDP averages parameter gradients only: "
@@ -235,8 +252,8 @@ def run_lockstep(
         if where[t.name] == "replicated":
             _check_replicated(t, group)
     loss0, grads = analytical(lent, objective, targets, seed)
-    objective, loss0 = _global_objective(objective, loss0, is_ddp, group, notes)
-    sharded = [t.name for t in targets if where[t.name] == "sharded"]
+    objective, loss0 = _global_objective(objective, loss0, is_ddp, fsdp or [], group, notes)
+    sharded = [t.name for t in targets if where[t.name] == "sharded" and t.name not in dtensors]
     if sharded:
         notes.append(
             f"placement: sharded (perturbed on each owner rank in turn, shown per rank): "
@@ -247,23 +264,51 @@ def run_lockstep(
     _, nondet = engine.loss_twice()
     state = _Lockstep(engine, loss0, nondet, settings, seed, group)
     for k, t in enumerate(targets):
-        state.check(k, t, grads[t.name], where[t.name] == "replicated")
+        state.check(k, t, grads[t.name], where[t.name] == "replicated", t.name in dtensors)
     agree_on_errors(state.message, group, state.error)
     _check_drift(engine, targets, group)
     return _gather(state, targets, where, group), engine.evaluations, state.overall()
 
 
+def _layout(
+    lent: Lent, objective: Objective, targets: list[Target], placement: Any, group: Any, notes: list[str]
+) -> tuple[dict[str, str], set[str]]:
+    """Where every tensor lives (placement=, DTensor placements), and the names of the DTensor parameters."""
+    _, size = rank_and_size(group)
+    seen: list[Any] = [None] * size
+    dist.all_gather_object(seen, [(t.name, t.kind) for t in targets], group=group)
+    differs = next((r for r in range(size) if seen[r] != seen[0]), None)
+    if differs is not None:
+        raise InvalidArgumentError(
+            f"{CALL}: the checked tensors differ across ranks: rank 0 has {[n for n, _ in seen[0]][:8]}, rank "
+            f"{differs} has {[n for n, _ in seen[differs]][:8]}; build the same modules (same names) on every rank."
+        )
+    names = [n for n, _ in lent.model.named_parameters()] + [t.name for t in input_targets(objective.batch)]
+    dtensors = {t.name: t.param for t in targets if t.kind == "parameter" and is_dtensor(t.param)}
+    where = resolve_placement(placement, names)
+    where.update(dtensor_placements(dtensors, placement))
+    if dtensors:
+        notes.append(
+            "placement: from the DTensor parameters ("
+            + ", ".join(f"{n}: {', '.join(map(repr, p.placements))}" for n, p in dtensors.items())
+            + "); a sharded one is perturbed on its owner rank, element by element, and reported by global index"
+        )
+    return where, set(dtensors)
+
+
 def _global_objective(
-    objective: Objective, loss0: torch.Tensor, is_ddp: bool, group: Any, notes: list[str]
+    objective: Objective, loss0: torch.Tensor, is_ddp: bool, fsdp: list[Any], group: Any, notes: list[str]
 ) -> tuple[Objective, torch.Tensor]:
-    """The loss every rank differentiates: DDP's mean over ranks, else the (checked) replicated loss."""
+    """The loss every rank differentiates: DDP's and FSDP2's mean over ranks, else the (checked) replicated loss."""
     rank, size = rank_and_size(group)
-    if is_ddp:
+    if is_ddp or fsdp:
+        how = "DDP's averaging all-reduce" if is_ddp else "FSDP2's averaging reduce-scatter"
         notes.append(
             f"objective: the global loss = mean over {size} ranks of each rank's loss, whose gradient is "
-            "what DDP's averaging all-reduce writes into .grad"
+            f"what {how} writes into .grad"
         )
-        return _MeanOverRanks(objective, group), reduced(loss0.reshape(1), dist.ReduceOp.SUM, group)[0] / size
+        mean = reduced(loss0.reshape(1), dist.ReduceOp.SUM, group)[0] / size
+        return _MeanOverRanks(objective, group, fsdp), mean
     gap = float(spread(loss0.reshape(1), group)[0])
     if gap > same_bound(loss0.reshape(1), loss0.dtype):
         raise InvalidArgumentError(
@@ -295,8 +340,9 @@ class _Lockstep:
         self.sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
         self.message: str | None = None
         self.error: BaseException | None = None  # this rank's own exception, re-raised as it is
+        self.blocks: dict[str, Any] = {}  # sharded DTensors: this rank's block (`_dtensor.shard_block`)
 
-    def check(self, k: int, t: Target, g: torch.Tensor | None, replicated: bool) -> None:
+    def check(self, k: int, t: Target, g: torch.Tensor | None, replicated: bool, dtensor: bool = False) -> None:
         a = g if g is not None else torch.zeros(t.tensor.numel(), dtype=torch.float64, device=t.tensor.device)
         if replicated:
             check: TensorCheck | None = self._replicated(k, t, a)
@@ -304,6 +350,8 @@ class _Lockstep:
             self.gaps.append((0.0, 0.0))
             check = self._sharded(k, t, a)
         self.local.append(None if check is None else summarise(t, check, g is not None))
+        if dtensor and not replicated:
+            self.blocks[t.name] = shard_block(t, check, g is not None)
         if check is not None and (not replicated or self.rank == 0):
             keep = ~check.kink
             a_, n_ = check.analytical[keep].cpu(), check.numerical[keep].cpu()
@@ -329,7 +377,8 @@ class _Lockstep:
                 continue
             try:
                 generator = target_generator(self.seed, k)
-                check = measure(engine, t, a, self.loss0, self.nondet, self.settings, generator)
+                if t.tensor.numel():  # an FSDP2 shard can be empty on the last ranks
+                    check = measure(engine, t, a, self.loss0, self.nondet, self.settings, generator)
             except Exception as exc:  # agreed on after the loop; the followers are released first
                 if self.message is None:
                     self.message, self.error = f"{t.name}: {type(exc).__name__}: {exc}", exc
@@ -357,14 +406,17 @@ def _check_drift(engine: LockstepEngine, targets: list[Target], group: Any) -> N
 
 
 def _gather(state: _Lockstep, targets: list[Target], where: dict[str, str], group: Any) -> list[TensorResult]:
-    """Every rank's rows on every rank: replicated tensors merged into one row, sharded ones per rank."""
+    """Every rank's rows on every rank: replicated tensors merged into one row, sharded ones per rank,
+    sharded DTensors assembled into one row over the global tensor."""
     size = state.size
     gathered: list[Any] = [None] * size
-    dist.all_gather_object(gathered, state.local, group=group)
+    dist.all_gather_object(gathered, (state.local, state.blocks), group=group)
     results: list[TensorResult] = []
     for k, t in enumerate(targets):
         if where[t.name] == "replicated":
-            results.append(_merge_replicated([gathered[r][k] for r in range(size)], *state.gaps[k]))
+            results.append(_merge_replicated([gathered[r][0][k] for r in range(size)], *state.gaps[k]))
+        elif t.name in state.blocks:
+            results.append(global_result(t, [gathered[r][1][t.name] for r in range(size)]))
         else:
-            results += [_renamed(gathered[r][k], r) for r in range(size)]
+            results += [_renamed(gathered[r][0][k], r) for r in range(size)]
     return results

@@ -30,6 +30,7 @@ from torch import nn
 
 from .._batch import Objective, input_targets
 from .._check import check_module_call, prepare
+from .._dtensor import is_dtensor, local_tensor
 from .._errors import InvalidArgumentError
 from .._measure import Settings
 from .._noise import NOISE_POINTS
@@ -39,6 +40,7 @@ from .._progress import progress_bar
 from .._report import Report, TensorResult
 from .._state import preserved_global_state
 from ._collectives import CALL, PLACEMENTS, rank_and_size, reduced, work_device
+from ._dtensor import dtensor_dtype, fsdp_modules, reshard
 from ._placement import run_lockstep
 from ._split import run_split
 
@@ -89,8 +91,10 @@ def verify_distributed(
 
     Args:
         model: on each rank, that rank's module: a replicated model (``split=True``), a model with
-            tensor-parallel layers whose forward/backward call collectives, or a
-            ``DistributedDataParallel`` wrapper (``split=False``).
+            tensor-parallel layers whose forward/backward call collectives, a
+            ``DistributedDataParallel`` wrapper, or a model with DTensor parameters
+            (``parallelize_module``, ``fully_shard``; their placements are read from them, and they
+            are checked in place, in their own dtype) (``split=False``).
         loss_fn, batch, forward, params, inputs, eps, rtol, atol, dtype, seed: as in `verify_module`;
             `batch` is this rank's batch.
         placement: ``split=False`` only: maps parameter names, or input names such as ``"batch[0]"``
@@ -104,11 +108,12 @@ def verify_distributed(
         progress: show a progress bar on rank 0 (None: when stderr is a terminal).
 
     Returns:
-        The same complete `Report` on every rank. With ``split=False``, a sharded tensor appears once
-        per rank as ``rank<r>:<name>``; a replicated tensor appears once, and fails with status
+        The same complete `Report` on every rank. With ``split=False``, a sharded plain tensor appears
+        once per rank as ``rank<r>:<name>``, a sharded DTensor once, by global index, its note naming
+        the ranks that own failing elements; a replicated tensor appears once, and fails with status
         "diverged" if its gradient differs across ranks. The objective is the replicated loss (checked
         to be identical on every rank); for DDP it is the mean of the ranks' losses, whose gradient is
-        what DDP's averaging all-reduce produces.
+        what DDP's averaging all-reduce (or FSDP2's reduce-scatter) produces.
 
     Raises:
         InvalidArgumentError / InvalidArgumentTypeError: a bad argument, no process group, a loss
@@ -147,9 +152,16 @@ def verify_distributed(
     )
     patterns = validate_patterns("verify_distributed", params)
     is_ddp = _validate_layout(model, options, placement, split)
+    fsdp = fsdp_modules(model)
+    reshard(fsdp)  # a root FSDP2 module keeps unsharded parameters after a forward: its DTensors are the sharded ones
+    dtype, warning = dtensor_dtype(model, dtype, split)
+    options = dataclasses.replace(options, dtype=dtype)
     checked, skipped, objective = prepare(CALL, model, loss_fn, batch, forward, patterns, inputs, dtype)
+    layout = _Layout(placement, split, is_ddp, fsdp, group)
     with preserved_global_state(), lend_model(model, dtype) as lent:
-        report = _run(lent, objective, checked, inputs, options, placement, split, is_ddp, group, start)
+        report = _run(lent, objective, checked, inputs, options, layout, start)
+    if warning is not None:
+        report = dataclasses.replace(report, warnings=(*report.warnings, warning))
     table = dict(model.named_parameters(remove_duplicate=False))
     skipped_rows = [TensorResult(name=n, shape=tuple(table[n].shape), status="skipped", note=why) for n, why in skipped]
     return dataclasses.replace(report, results=report.results + tuple(skipped_rows))
@@ -186,22 +198,32 @@ def _validate_layout(model: nn.Module, options: CheckOptions, placement: Any, sp
     return is_ddp
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How the model is spread over the ranks."""
+
+    placement: Any  # the user's placement= (plain tensors)
+    split: bool
+    is_ddp: bool
+    fsdp: list[nn.Module]  # the FSDP2 modules (empty if none)
+    group: Any
+
+
 def _run(
     lent: Lent,
     objective: Objective,
     checked: list[tuple[str, nn.Parameter]],
     inputs: bool,
     options: CheckOptions,
-    placement: Any,
-    split: bool,
-    is_ddp: bool,
-    group: Any,
+    layout: _Layout,
     start: float,
 ) -> Report:
     """The check itself, on a lent model: split or lockstep; the Report without the skipped rows."""
+    placement, split, is_ddp, group = layout.placement, layout.split, layout.is_ddp, layout.group
     if options.dtype == torch.float64:
         torch.set_default_dtype(torch.float64)
-    targets = [Target(name, p.data, kind="parameter", param=p) for name, p in checked]
+    # a DTensor is perturbed in place, in its local block (`.._dtensor`)
+    targets = [Target(name, local_tensor(p) if is_dtensor(p) else p.data, param=p) for name, p in checked]
     if inputs:
         targets += input_targets(objective.batch)
     work_dtype = targets[0].tensor.dtype if targets else torch.float64
@@ -217,7 +239,7 @@ def _run(
             )
         else:
             results, evaluations, overall = run_lockstep(
-                lent, objective, targets, placement, is_ddp, settings, seed, group, notes, bar.update
+                lent, objective, targets, placement, is_ddp, settings, seed, group, notes, bar.update, layout.fsdp
             )
             engine_used = "lockstep loop"
     seconds = float(reduced(torch.tensor([time.perf_counter() - start]), dist.ReduceOp.MAX, group)[0])

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ._batch import Objective, input_targets
-from ._check import Checked, check_module_call, check_targets, prepare
+from ._check import Checked, check_module_call, check_targets, power_warnings, prepare
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._hessian import check_second_order
 from ._noise import NOISE_POINTS
@@ -96,7 +96,8 @@ def verify_module(
         atol: absolute floor added to each element's tolerance (default 0: the noise estimate sets it).
         dtype: checking precision (float64); None keeps the model's own dtype.
         seed: the RNG seed set before every evaluation (dropout draws the same mask in each).
-        engine: "auto" (vmap, falling back to a loop), "vmap" or "loop".
+        engine: "auto" (the cone engine where it can run, else vmap, else a loop; the report says why),
+            "cone" (re-evaluate only what each perturbation changes), "vmap" or "loop".
         progress: show a progress bar (None: when stderr is a terminal).
         localise: check each submodule's own backward in isolation and name the first wrong one
             (None: only when the check failed; False: never; True: always).
@@ -269,5 +270,5 @@ def _run(
         seconds=time.perf_counter() - start,
         engine=found.engine,
         notes=tuple(notes),
-        warnings=(warning,) if warning else (),
+        warnings=((warning,) if warning else ()) + tuple(power_warnings(found.results)),
     )

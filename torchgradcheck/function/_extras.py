@@ -418,7 +418,10 @@ def check_noncontiguous(ex: Extras) -> list[TensorResult]:
         for s in changed:
             a = grads[k][s.key]
             check = ex.checks[(k, s.key)]
-            redo = dataclasses.replace(check, analytical=torch.zeros_like(check.analytical) if a is None else a)
+            a_checked = a if a is None or check.index is None else a[check.index]  # skipped elements: not judged
+            redo = dataclasses.replace(
+                check, analytical=torch.zeros_like(check.analytical) if a_checked is None else a_checked
+            )
             target = Target(f"non-contiguous: {ex.pair(k, s.name)}", values[s.key].detach(), kind="non-contiguous")
             rows.append(summarise(target, redo, a is not None))
     return rows
@@ -439,7 +442,10 @@ def determinism_results(ex: Extras, nondet_tol: float) -> list[TensorResult]:
             if (a is None) != (b is None):
                 diff = math.inf
             else:
-                diff = 0.0 if a is None or b is None or a.numel() == 0 else float((a - b).abs().max())
+                # NaN in the same places on both runs (NaN inputs) is the same gradient
+                gap = (a - b).abs() if a is not None and b is not None else None
+                same_nan = None if gap is None else torch.isnan(a) & torch.isnan(b)
+                diff = 0.0 if gap is None or a.numel() == 0 else float(gap.masked_fill(same_nan, 0.0).max())
             worst = max(worst, diff)
             if not diff <= nondet_tol:
                 rows.append(

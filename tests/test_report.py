@@ -139,7 +139,7 @@ def test_report_records_options_and_cost(every_status):
     assert options["seed"] == 0
     assert every_status.evaluations > 2 * 6
     assert every_status.seconds > 0
-    assert every_status.engine in ("loop", "vmap")
+    assert every_status.engine in ("loop", "vmap", "cone")
 
 
 def test_report_passing_headline():

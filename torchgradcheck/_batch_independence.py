@@ -42,7 +42,7 @@ from torch.utils import _pytree as pytree
 from ._compare import NOISE_SIGMAS
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._noise import noise_per_column, unit_roundoff
-from ._options import reject_unknown, resolve_tolerances, validate_common
+from ._options import check_options, reject_unknown, resolve_tolerances
 from ._params import Lent, lend_model
 from ._report import ParameterResult, Report, _fmt, _num
 from ._state import preserved_global_state, reseed
@@ -50,7 +50,20 @@ from ._state import preserved_global_state, reseed
 __all__ = ["BatchReport", "verify_batch_independence"]
 
 _CALL = "verify_batch_independence(model, batch)"
-_OPTIONS = ("batch_dim", "forward", "samples", "dtype", "seed", "eps", "rtol", "atol", "progress")
+_OPTIONS = (
+    "batch_dim",
+    "forward",
+    "samples",
+    "dtype",
+    "seed",
+    "eps",
+    "rtol",
+    "atol",
+    "progress",
+    "mode",
+    "budget",
+    "engine",
+)
 ALL_SAMPLES = 16  # batches up to this size: every output sample is checked
 SAMPLED = 8  # larger batches: this many random output samples
 AUTOGRAD_FLOOR = 1e3  # autograd dependence below this many unit roundoffs of the row's gradient is rounding
@@ -149,6 +162,8 @@ def _validate(model: Any, batch: Any, batch_dim: Any, forward: Any, samples: Any
         raise InvalidArgumentTypeError(
             f"{_CALL}: expected a torch.nn.Module but got model={model!r} (type={type(model).__name__})."
         )
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
     if forward is not None and not callable(forward):
         raise InvalidArgumentTypeError(
             f"{_CALL}: forward= must be a callable (model, batch) -> output, got {forward!r}."
@@ -283,6 +298,9 @@ def verify_batch_independence(
     rtol: float | None = None,
     atol: float = 0.0,
     progress: bool | None = None,
+    mode: str = "auto",
+    budget: float = 3.0,
+    engine: str = "auto",
     **unknown: Any,
 ) -> Report:
     """Check that output sample i of `model` depends on input sample i only (no leak across the batch).
@@ -300,7 +318,8 @@ def verify_batch_independence(
         dtype: checking precision (float64); None keeps the model's own dtype.
         seed: seeds the RNG before every forward (dropout masks agree) and the random directions.
         eps, rtol, atol: step and tolerance floors, as in `verify_module`.
-        progress: accepted for symmetry with `verify_module` (this check is short; no bar is shown).
+        progress, mode, budget, engine: the options every ``verify_*`` shares, validated the same way;
+            this check always takes the same few forwards per sample (a loop, no progress bar).
 
     Returns:
         A `Report` (a `BatchReport`): one row per checked output sample, ``leaks`` (which input
@@ -314,11 +333,8 @@ def verify_batch_independence(
     start = time.perf_counter()
     reject_unknown("verify_batch_independence", unknown, _OPTIONS)
     _validate(model, batch, batch_dim, forward, samples)
-    validate_common("verify_batch_independence", eps=eps, rtol=rtol, atol=atol, dtype=dtype, seed=seed, engine="auto")
-    if progress is not None and not isinstance(progress, bool):
-        raise InvalidArgumentTypeError(f"{_CALL}: progress= must be True, False or None, got {progress!r}.")
-    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
+    shared = {"dtype": dtype, "mode": mode, "budget": budget, "seed": seed, "eps": eps, "rtol": rtol}
+    check_options("verify_batch_independence", **shared, atol=atol, engine=engine, progress=progress)
     converted = _convert(batch, dtype)
     with preserved_global_state(), lend_model(model, dtype) as lent:
         if dtype == torch.float64:

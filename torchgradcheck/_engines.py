@@ -12,14 +12,19 @@ copies of the tensor in one batched forward with ``torch.func.vmap`` over
 ``torch.func.functional_call`` (the other tensors are shared, not copied). Before every
 evaluation both engines reset the buffers and re-seed the RNG, so the two give the same verdicts.
 
-The engine policy lives here, once, for every entry point: `choose_engine` picks vmap when one
-batched unperturbed evaluation reproduces the plain loss (within ``1e4 u |L| + 10 * nondet``), and
-`EngineSwitch` falls back from vmap to the loop when vmap fails mid-check (always with a note).
+A third engine, `_cone.ConeEngine`, answers the same questions from a captured graph, re-evaluating
+only what each perturbation changes (module checks try it first under ``engine="auto"``).
+
+The engine policy lives here, once, for every entry point: `choose_engine` picks the cone engine or
+vmap when one batched unperturbed evaluation reproduces the plain loss (within
+``1e4 u |L| + 10 * nondet``), and `EngineSwitch` falls back from cone to vmap and from vmap to the
+loop when an engine fails mid-check (always with a note).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +41,11 @@ from ._state import reseed
 __all__ = ["Engine", "EngineSwitch", "LoopEngine", "VmapEngine", "choose_engine", "vmap_agrees"]
 
 Tick = Callable[[int], None]
+# Builds the cone engine for a target (`_cone.cone_agrees`): the engine, or None and why not.
+ConeTrial = Callable[["LoopEngine", Target, torch.Tensor, float], "tuple[Engine | None, str]"]
+# Under engine="auto", the cone engine is tried for plans of at least this many evaluations (or when
+# torch._dynamo, which it needs, is already imported): below that, its one-off import costs more than it saves.
+CONE_MIN_EVALUATIONS = 100_000
 
 
 def _noop(_: int) -> None:
@@ -248,27 +258,60 @@ def vmap_agrees(engine: VmapEngine, target: Target, loss0: torch.Tensor, slack: 
 
 
 class EngineSwitch:
-    """The engine in use, and THE switch to the loop when vmap fails mid-check (noted, never silent)."""
+    """The engine in use, and THE switch when it fails mid-check (noted, never silent).
 
-    def __init__(self, loop: LoopEngine, engine: Engine, forced: bool, notes: list[str]) -> None:
+    The cone engine falls back to vmap (`fallback`), vmap to the loop.
+    """
+
+    def __init__(
+        self, loop: LoopEngine, engine: Engine, forced: bool, notes: list[str], fallback: Engine | None = None
+    ) -> None:
         self.loop, self.engine, self.forced, self.notes = loop, engine, forced, notes
+        self.fallback = fallback
+        self.used: list[Engine] = [loop] if engine is loop else [loop, engine]
+        self.cone_trial: tuple[ConeTrial, Target, torch.Tensor, float] | None = None  # see `upgrade`
 
     def run(self, what: str, fn: Callable[[Engine], Any]) -> Any:
-        """``fn(engine)``; if vmap raises (and was not forced), note it and rerun ``fn`` on the loop."""
-        try:
-            return fn(self.engine)
-        except Exception as exc:
-            if self.engine is self.loop or self.forced:
-                raise
-            note = f"engine: loop from {what} on, because vmap failed ({type(exc).__name__})"
-            if note not in self.notes:
-                self.notes.append(note)
-            self.engine = self.loop
-            return fn(self.engine)
+        """``fn(engine)``; if the engine raises (and was not forced), note it and rerun ``fn`` on the next one."""
+        while True:
+            try:
+                return fn(self.engine)
+            except Exception as exc:
+                if self.engine is self.loop or self.forced:
+                    raise
+                following = self.fallback or self.loop
+                note = (
+                    f"engine: {following.name} from {what} on, because {self.engine.name} failed ({type(exc).__name__})"
+                )
+                if note not in self.notes:
+                    self.notes.append(note)
+                self.engine, self.fallback = following, None
+                if following not in self.used:
+                    self.used.append(following)
+
+    def upgrade(self, planned: int) -> None:
+        """Under ``engine="auto"``, move from vmap to the cone engine when it pays for itself.
+
+        The cone engine needs ``torch._dynamo`` (imported by ``make_fx``: about 2 s, once per process),
+        so it is tried when that is already paid for, or when the plan holds at least
+        `CONE_MIN_EVALUATIONS` evaluations. Its reason for declining is noted; vmap stays its fallback.
+        """
+        pending, self.cone_trial = self.cone_trial, None
+        if pending is None or self.engine.name != "vmap":
+            return
+        if planned < CONE_MIN_EVALUATIONS and "torch._dynamo" not in sys.modules:
+            return
+        trial, *args = pending
+        found, why = trial(self.loop, *args)
+        if found is None:
+            _note(self.notes, f"engine: vmap, because {why}")
+            return
+        self.engine, self.fallback = found, self.engine
+        self.used.append(found)
 
     @property
     def evaluations(self) -> int:
-        return self.loop.evaluations + (self.engine.evaluations if self.engine is not self.loop else 0)
+        return sum(e.evaluations for e in self.used)
 
     @property
     def name(self) -> str:
@@ -283,18 +326,29 @@ def choose_engine(
     nondet: float,
     wanted: str,
     notes: list[str],
+    *,
+    cone: ConeTrial | None = None,
 ) -> EngineSwitch:
-    """THE engine policy: vmap where it reproduces the plain loss, else the loop (with a note).
+    """THE engine policy: cone, else vmap, where they reproduce the plain loss; else the loop (with a note).
 
     `loop` is the loop engine of this check (its lent model, objective, seed and tick are reused);
-    `target` the tensor vmap is tried on (None: nothing to check, the loop); `nondet` the measured
-    nondeterminism of the forward, which widens the agreement slack by ``10 * nondet``. With
-    ``wanted="vmap"`` a vmap that can't run is an error naming `call`.
+    `target` the tensor the batched engines are tried on (None: nothing to check, the loop); `nondet`
+    the measured nondeterminism of the forward, which widens the agreement slack by ``10 * nondet``.
+    `cone` (module checks pass `_cone.cone_agrees`) builds the cone engine: ``wanted="cone"`` forces
+    it, and under ``wanted="auto"`` it may replace vmap once the plan is known (`EngineSwitch.upgrade`).
+    ``wanted="vmap"`` or ``"cone"`` that can't run is an error naming `call`.
     """
     engine: Engine = loop
-    if wanted in ("auto", "vmap") and target is not None:
-        u = float(torch.finfo(target.tensor.dtype).eps) / 2
-        slack = 1e4 * u * abs(float(loss0)) + 10 * nondet
+    if target is None:
+        return EngineSwitch(loop, loop, wanted in ("vmap", "cone"), notes)
+    u = float(torch.finfo(target.tensor.dtype).eps) / 2
+    slack = 1e4 * u * abs(float(loss0)) + 10 * nondet
+    if wanted == "cone":
+        found, why = cone(loop, target, loss0, slack) if cone else (None, "it is only available to module checks")
+        if found is None:
+            raise InvalidArgumentError(f"{call}: engine='cone' is not usable here: {why}; use engine='auto'.")
+        return EngineSwitch(loop, found, True, notes)
+    if wanted in ("auto", "vmap"):
         vm = VmapEngine(loop.lent, loop.objective, loop.seed, loop.tick)
         why = vmap_agrees(vm, target, loss0, slack)
         if why is None:
@@ -302,7 +356,13 @@ def choose_engine(
         elif wanted == "vmap":
             raise InvalidArgumentError(f"{call}: engine='vmap' is not usable here: {why}; use engine='auto'.")
         else:
-            note = f"engine: loop, because {why}"
-            if note not in notes:
-                notes.append(note)
-    return EngineSwitch(loop, engine, wanted == "vmap", notes)
+            _note(notes, f"engine: loop, because {why}")
+    switch = EngineSwitch(loop, engine, wanted in ("vmap", "cone"), notes)
+    if wanted == "auto" and cone and engine is not loop:
+        switch.cone_trial = (cone, target, loss0, slack)
+    return switch
+
+
+def _note(notes: list[str], note: str) -> None:
+    if note not in notes:
+        notes.append(note)

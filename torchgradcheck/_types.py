@@ -17,6 +17,7 @@ Status = Literal[
     "unused",  # .grad is None and the loss does not depend on the tensor
     "skipped",  # not checked (frozen, filtered by params=, or the check could not run)
     "inconclusive",  # too many elements at kinks to judge
+    "weak",  # within tolerance, but the tolerance is not small next to the gradient (no power)
     "mismatch",  # elements over tolerance
     "no gradient",  # .grad is None but the loss depends on the tensor
     "diverged",  # a replicated tensor's gradient differs across ranks
@@ -31,10 +32,10 @@ Status = Literal[
 ]
 STATUSES: tuple[str, ...] = get_args(Status)
 # Statuses that pass; every other status fails the check.
-PASSING: tuple[str, ...] = ("ok", "zero", "unused", "skipped", "inconclusive")
+PASSING: tuple[str, ...] = ("ok", "zero", "unused", "skipped", "inconclusive", "weak")
 
 Mode = Literal["auto", "full", "directional", "sampled"]
 MODES: tuple[str, ...] = get_args(Mode)
 
-EngineName = Literal["auto", "vmap", "loop"]
+EngineName = Literal["auto", "vmap", "loop", "cone"]
 ENGINES: tuple[str, ...] = get_args(EngineName)

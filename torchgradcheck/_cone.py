@@ -1,0 +1,674 @@
+"""The cone engine: evaluate only what a perturbation changes.
+
+Perturbing a tensor changes nothing upstream of where it is first used. So the objective is
+captured once as a graph of aten ops (``make_fx`` with ``pre_dispatch=True``, over
+``functional_call``: the user's model is not changed), evaluated once unperturbed, and every value
+is cached. For each target tensor only its downstream *cone* is re-evaluated, batched with
+``vmap`` over the perturbed rows (same chunking, buffer resets and reseeding as `VmapEngine`);
+every value outside the cone is read from the cache.
+
+Where the target's first consumer is linear in it (``linear`` weight or bias, ``conv2d`` weight or
+bias, ``matmul``/``mm`` right operand), one perturbed element changes that op's output by a
+low-rank term: ``W[r, c] += h`` changes output column ``r`` of ``linear`` by ``h * x[..., c]``. The
+perturbed outputs are then built from the cached one by a gather and a scaled add, with no matmul,
+and only the rest of the cone runs under vmap.
+
+The engine refuses (`ConeUnavailableError`, with the reason) whatever a cached graph can't reproduce:
+a capture that fails (data-dependent control flow: ``if x.sum() > 0``, ``.item()``), random ops
+(dropout in train mode), side effects on the model's state (in-place updates of parameters, buffers
+or inputs, e.g. train-mode BatchNorm's running statistics) and ops it does not know. Python side
+effects of the forward (counters, prints) are not repeated per evaluation; they can't change the
+loss without showing up as one of the above.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.func import functional_call, vmap
+from torch.utils import _pytree as pytree
+
+from ._batch import Objective
+from ._engines import Engine, LoopEngine, memory_budget
+from ._params import Lent, Target
+
+__all__ = ["ConeEngine", "ConeUnavailableError", "capture", "cone_agrees"]
+
+aten = torch.ops.aten
+Tick = Callable[[int], None]
+
+# Dropout-like ops: (input, p, train). Identity when not training or p == 0; random otherwise.
+_DROPOUTS = {aten.dropout.default, aten.feature_dropout.default, aten.alpha_dropout.default}
+_DROPOUTS |= {aten.feature_alpha_dropout.default}
+# Ops that pass their first argument's values through unchanged (followed to find a linear consumer).
+_PASS_THROUGH = {aten.clone.default, aten.alias.default, aten.detach.default, aten.contiguous.default}
+_GRAD_MODE = {torch._C._set_grad_enabled}
+_PYTHON_OPS = {operator.getitem}
+
+
+class ConeUnavailableError(RuntimeError):
+    """The cone engine can't honour this objective; the message says why (it ends up in the report)."""
+
+
+def _noop(_: int) -> None:
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first[:160]}"
+
+
+class _Traced(nn.Module):
+    """``objective(model)`` as a function of every parameter, buffer and batch tensor, flat."""
+
+    def __init__(self, model: nn.Module, objective: Objective, keys: list[str], spec: Any, leaves: list[Any]):
+        super().__init__()
+        self.model = model
+        self.objective = objective
+        self.keys = keys
+        self.spec = spec
+        self.leaves = leaves  # batch leaves; tensors are replaced by the traced inputs
+
+    def forward(self, *flat: torch.Tensor) -> Any:
+        state = dict(zip(self.keys, flat[: len(self.keys)]))
+        tensors = iter(flat[len(self.keys) :])
+        leaves = [next(tensors) if isinstance(x, torch.Tensor) else x for x in self.leaves]
+        batch = pytree.tree_unflatten(leaves, self.spec)
+        objective = Objective(self.objective.loss_fn, batch, self.objective.forward)
+        holder = _Holder(self.model, objective)
+        return functional_call(holder, {"model." + k: v for k, v in state.items()}, ())
+
+
+class _Holder(nn.Module):
+    def __init__(self, model: nn.Module, objective: Objective) -> None:
+        super().__init__()
+        self.model = model
+        self._objective = objective
+
+    def forward(self) -> Any:
+        return self._objective(self.model)
+
+
+@dataclass
+class Captured:
+    """The objective as a graph, its inputs, and every node's unperturbed value."""
+
+    module: fx.GraphModule
+    nodes: list[fx.Node]  # call_function nodes in order
+    params: dict[str, fx.Node]  # parameter name -> placeholder
+    inputs: dict[int, fx.Node]  # id(batch tensor) -> placeholder
+    output: fx.Node  # the loss node
+    cache: dict[fx.Node, Any]
+    identity: set[fx.Node]  # dropout nodes that are identities (eval mode or p == 0)
+    skipped: set[fx.Node]  # grad-mode switches: nothing to do under no_grad
+
+
+def _mutated_args(node: fx.Node) -> list[fx.Node]:
+    schema = node.target._schema  # type: ignore[union-attr]
+    found = []
+    for i, arg in enumerate(schema.arguments):
+        info = arg.alias_info
+        if info is None or not info.is_write:
+            continue
+        value = node.args[i] if i < len(node.args) else node.kwargs.get(arg.name)
+        if isinstance(value, fx.Node):
+            found.append(value)
+    return found
+
+
+def _is_view(node: fx.Node) -> bool:
+    target = node.target
+    if not isinstance(target, torch._ops.OpOverload):
+        return False
+    return any(r.alias_info is not None and not r.alias_info.is_write for r in target._schema.returns)
+
+
+def _functional(op: torch._ops.OpOverload) -> torch._ops.OpOverload | None:
+    """``aten.relu_.default`` -> ``aten.relu.default`` (None when there is no such out-of-place op)."""
+    name = op._schema.name.split("::")[-1]
+    if not name.endswith("_") or name.endswith("__"):
+        return None
+    packet = getattr(aten, name[:-1], None)
+    overload = getattr(packet, op._overloadname, None) if packet is not None else None
+    if overload is None or overload._schema.is_mutable:
+        return None
+    return overload
+
+
+def _remove_mutations(graph: fx.Graph, names: dict[fx.Node, str]) -> None:
+    """Rewrite in-place ops on fresh intermediates as out-of-place ops; refuse anything else."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        op = node.target
+        if node.op != "call_function" or not isinstance(op, torch._ops.OpOverload) or not op._schema.is_mutable:
+            continue
+        for arg in _mutated_args(node):
+            root = arg
+            while _is_view(root) and root.args and isinstance(root.args[0], fx.Node):
+                root = root.args[0]
+            if root.op in ("placeholder", "get_attr"):
+                what = names.get(root, root.name)
+                raise ConeUnavailableError(f"the forward changes {what} in place ({op}): a side effect")
+            if root is not arg or any(_is_view(u) for u in arg.users if u is not node):
+                raise ConeUnavailableError(f"the forward writes in place through a view ({op})")
+        functional = _functional(op)
+        if functional is None:
+            raise ConeUnavailableError(f"the forward uses the in-place op {op}, which has no out-of-place twin")
+        mutated = _mutated_args(node)
+        node.target = functional
+        for arg in mutated:
+            for user in list(arg.users):
+                if user is not node and order[user] > order[node]:
+                    user.replace_input_with(arg, node)
+
+
+def _trace(lent: Lent, traced: nn.Module, args: list[torch.Tensor], buffers: list[tuple[str, torch.Tensor]]) -> Any:
+    """``make_fx`` of `traced`; refuses a capture that fails or changes a buffer (a side effect)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    lent.reset_buffers()
+    before = [b.clone() for _, b in buffers]
+    try:
+        with torch.enable_grad(), _quiet():
+            gm = make_fx(traced, pre_dispatch=True)(*args)
+    except ConeUnavailableError:
+        raise
+    except Exception as exc:
+        raise ConeUnavailableError(f"the forward could not be captured as a graph ({_first_line(exc)})") from None
+    finally:
+        changed = [n for (n, b), old in zip(buffers, before) if not torch.equal(b, old)]
+        lent.reset_buffers()
+    if changed:
+        raise ConeUnavailableError(
+            f"the forward updates buffer {changed[0]!r} (e.g. train-mode BatchNorm): a side effect"
+        )
+    return gm
+
+
+def _classify(graph: fx.Graph) -> tuple[list[fx.Node], set[fx.Node], set[fx.Node]]:
+    """The nodes to evaluate, the dropouts that are identities, the grad-mode switches to skip; or refuse."""
+    identity: set[fx.Node] = set()
+    skipped: set[fx.Node] = set()
+    nodes = []
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        op = node.target
+        if op in _GRAD_MODE:
+            skipped.add(node)
+            continue
+        if op in _DROPOUTS:
+            p, train = [*node.args, None, None][1:3]
+            if train and p:
+                raise ConeUnavailableError(f"the forward draws random numbers ({op} in train mode)")
+            identity.add(node)
+        elif (
+            op is aten.scaled_dot_product_attention.default
+            and _random_off(node, op)
+            and not node.kwargs.get("enable_gqa")
+        ):
+            node.target = _attention  # vmap has no batching rule for the fused CPU kernels: plain ops
+        elif isinstance(op, torch._ops.OpOverload):
+            if torch.Tag.nondeterministic_seeded in op.tags and not _random_off(node, op):
+                raise ConeUnavailableError(f"the forward draws random numbers ({op})")
+            if (
+                op in (aten.batch_norm.default, aten.instance_norm.default)
+                and node.args[5]
+                and node.args[3] is not None
+            ):
+                raise ConeUnavailableError(
+                    f"the forward updates running statistics ({op} in train mode): a side effect"
+                )
+        elif op not in _PYTHON_OPS:
+            raise ConeUnavailableError(f"the captured graph calls {op!r}, which the cone engine does not evaluate")
+        nodes.append(node)
+    return nodes, identity, skipped
+
+
+def capture(lent: Lent, objective: Objective) -> Captured:
+    """Trace the objective once and cache every value; `ConeUnavailableError` says why it can't be used."""
+    model = lent.model
+    params = list(model.named_parameters())
+    buffers = list(model.named_buffers())
+    keys = [n for n, _ in params] + [n for n, _ in buffers]
+    state = [p.data for _, p in params] + [b for _, b in buffers]
+    leaves, spec = pytree.tree_flatten(objective.batch)
+    batch_tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
+    # Trace with grad on and parameters requiring grad, as in training: no inference fast paths.
+    args = [t.detach().requires_grad_(t.is_floating_point()) for t in state[: len(params)]]
+    args += list(state[len(params) :]) + batch_tensors
+    gm = _trace(lent, _Traced(model, objective, keys, spec, leaves), args, buffers)
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names = dict(zip(placeholders, keys + [f"batch tensor {i}" for i in range(len(batch_tensors))]))
+    _remove_mutations(graph, names)
+    nodes, identity, skipped = _classify(graph)
+    (output,) = [n for n in graph.nodes if n.op == "output"]
+    loss = output.args[0]
+    if not isinstance(loss, fx.Node):
+        raise ConeUnavailableError("the captured loss is not a tensor computed from the inputs")
+    cache: dict[fx.Node, Any] = dict(zip(placeholders, state + batch_tensors))
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            cache[node] = _attr(gm, str(node.target))
+    by_name = dict(zip(keys[: len(params)], placeholders))
+    by_id = {id(t): ph for ph, t in zip(placeholders[len(keys) :], batch_tensors)}
+    captured = Captured(gm, nodes, by_name, by_id, loss, cache, identity, skipped)
+    with torch.no_grad():
+        lent.reset_buffers()
+        try:
+            _evaluate(captured, nodes, cache)
+        except Exception as exc:
+            raise ConeUnavailableError(f"the captured graph could not be evaluated ({_first_line(exc)})") from None
+    return captured
+
+
+class _quiet:
+    """Silence warnings that tracing itself raises (pytest runs with filterwarnings=error)."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        warnings.simplefilter("ignore")
+
+    def __exit__(self, *exc: Any) -> None:
+        self._ctx.__exit__(*exc)
+
+
+def _random_off(node: fx.Node, op: torch._ops.OpOverload) -> bool:
+    """True for a seeded op whose randomness is switched off by its arguments (``dropout_p=0``, ``train=False``)."""
+    bound = {
+        a.name: (node.args[i] if i < len(node.args) else node.kwargs.get(a.name, a.default_value))
+        for i, a in enumerate(op._schema.arguments)
+    }
+    if "train" in bound and bound["train"] is False:
+        return True
+    return "dropout_p" in bound and bound["dropout_p"] == 0
+
+
+def _attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` without dropout, in plain ops (equal up to rounding)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _attr(module: nn.Module, target: str) -> Any:
+    value: Any = module
+    for part in target.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _evaluate(captured: Captured, nodes: Sequence[fx.Node], env: dict[fx.Node, Any]) -> None:
+    """Evaluate `nodes` in order, reading and writing their values in `env`."""
+    identity, skipped = captured.identity, captured.skipped
+    for node in nodes:
+        if node in skipped:
+            continue
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        if node in identity:
+            env[node] = args[0]
+            continue
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+
+
+@dataclass
+class _Update:
+    """A low-rank start: the perturbed outputs of `node`, built from its cached output."""
+
+    node: fx.Node
+    build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (flat indices, deltas) -> rows
+
+
+class ConeEngine(Engine):
+    """Re-evaluate only the downstream cone of each target, from a cached unperturbed graph."""
+
+    name = "cone"
+
+    def __init__(
+        self,
+        lent: Lent,
+        objective: Objective,
+        seed: int,
+        tick: Tick = _noop,
+        *,
+        chunk_elements: int | None = None,
+        max_chunk: int = 256,
+        low_rank: bool = True,
+    ) -> None:
+        super().__init__(lent, objective, seed, tick)
+        self.chunk_elements = chunk_elements
+        self.max_chunk = max_chunk
+        self.low_rank = low_rank
+        self.captured = capture(lent, objective)
+        self._plans: dict[tuple[str, str], tuple[fx.Node | None, list[fx.Node], _Update | None]] = {}
+
+    @property
+    def cached_loss(self) -> torch.Tensor:
+        return torch.as_tensor(self.captured.cache[self.captured.output]).detach().to(torch.float64)
+
+    def chunk_size(self, target: Target) -> int:
+        """Rows per batched evaluation: the same rule as `VmapEngine.chunk_size`."""
+        budget = self.chunk_elements or memory_budget(target.tensor.device) // target.tensor.element_size()
+        return max(1, min(self.max_chunk, budget // max(1, target.tensor.numel())))
+
+    # -- planning ---------------------------------------------------------------------------------
+
+    def _plan(self, target: Target) -> tuple[fx.Node | None, list[fx.Node], _Update | None]:
+        key = (target.kind, target.name)
+        if key not in self._plans:
+            if target.kind == "parameter":
+                ph = self.captured.params.get(target.name)
+            else:
+                ph = self.captured.inputs.get(id(target.tensor))
+            if ph is None:
+                raise ConeUnavailableError(f"{target.name} is not an input of the captured graph")
+            reach = {ph}
+            cone = []
+            for node in self.captured.nodes:
+                if any(a in reach for a in node.all_input_nodes):
+                    reach.add(node)
+                    cone.append(node)
+            update = self._low_rank(ph, target) if self.low_rank else None
+            self._plans[key] = (ph, cone, update)
+        return self._plans[key]
+
+    def _low_rank(self, ph: fx.Node, target: Target) -> _Update | None:
+        """A gather-and-add start when the target's only consumer is linear in it."""
+        node = ph
+        while len(node.users) == 1:
+            (user,) = node.users
+            if user.target in _PASS_THROUGH and user.args[0] is node and not user.kwargs:
+                node = user
+                continue
+            return _linear_update(self.captured, node, user, target)
+        return None
+
+    # -- evaluation -------------------------------------------------------------------------------
+
+    def _cone_fn(self, seed: fx.Node, cone: list[fx.Node]) -> Callable[[torch.Tensor], torch.Tensor]:
+        captured, cache = self.captured, self.captured.cache
+        output = captured.output
+        rest = [n for n in cone if n is not seed]
+
+        def row(value: torch.Tensor) -> torch.Tensor:
+            env = dict(cache)
+            env[seed] = value
+            _evaluate(captured, rest, env)
+            return env[output]
+
+        return row
+
+    def _run_rows(
+        self,
+        fn: Callable[[torch.Tensor], torch.Tensor],
+        make: Callable[[int, int], torch.Tensor],
+        n: int,
+        size: int,
+        device: torch.device,
+    ) -> torch.Tensor:
+        """``fn`` vmapped over rows ``make(start, stop)``, chunk by chunk (halved on out-of-memory)."""
+        batched = vmap(fn, randomness="same")
+        out = torch.empty(n, dtype=torch.float64, device=device)
+        with torch.no_grad():
+            start = 0
+            while start < n:
+                stop = min(n, start + size)
+                self._prepare()
+                try:
+                    out[start:stop] = batched(make(start, stop))
+                except torch.OutOfMemoryError:
+                    if size == 1:
+                        raise
+                    size = self.max_chunk = max(1, size // 2)
+                    continue
+                self.evaluations += stop - start
+                self.tick(stop - start)
+                start = stop
+        return out
+
+    def _constant(self, n: int, device: torch.device) -> torch.Tensor:
+        """The loss does not depend on the target: every row is the cached loss."""
+        out = self.cached_loss.to(device).expand(n).clone()
+        self.evaluations += n
+        self.tick(n)
+        return out
+
+    def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        ph, cone, update = self._plan(target)
+        flat = target.flat
+        n = len(index)
+        if not cone or n == 0:
+            return self._constant(n, flat.device)
+        size = min(self.chunk_size(target), n)
+        if update is not None:
+            deltas = values.to(torch.float64) - flat[index].to(torch.float64)
+            fn = self._cone_fn(update.node, cone)
+            return self._run_rows(fn, lambda a, b: update.build(index[a:b], deltas[a:b]), n, size, flat.device)
+        assert ph is not None
+        rows = flat.expand(size, flat.numel()).clone()
+        diagonal = torch.arange(size, device=flat.device)
+        fn = self._cone_fn(ph, cone)
+
+        def make(a: int, b: int) -> torch.Tensor:
+            k = b - a
+            rows.copy_(flat.expand_as(rows))
+            rows[diagonal[:k], index[a:b]] = values[a:b].to(rows.dtype)
+            return rows[:k].view(k, *target.shape)
+
+        return self._run_rows(fn, make, n, size, flat.device)
+
+    def losses_along(self, target: Target, deltas: torch.Tensor) -> torch.Tensor:
+        ph, cone, _ = self._plan(target)
+        flat = target.flat
+        n = deltas.shape[0]
+        if not cone or n == 0:
+            return self._constant(n, flat.device)
+        assert ph is not None
+        rows = flat + deltas
+        fn = self._cone_fn(ph, cone)
+        size = self.chunk_size(target)
+        return self._run_rows(fn, lambda a, b: rows[a:b].view(b - a, *target.shape), n, size, flat.device)
+
+
+def cone_agrees(loop: LoopEngine, target: Target, loss0: torch.Tensor, slack: float) -> tuple[Engine | None, str]:
+    """The cone engine if it can run this objective and reproduces the plain loss; else None and why not.
+
+    `_engines.choose_engine` gets this function from the module checks (`_check.start_engines`).
+    """
+    try:
+        cone = ConeEngine(loop.lent, loop.objective, loop.seed, loop.tick)
+        zero = torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype, device=target.tensor.device)
+        value = cone.losses_along(target, zero)[0]
+    except ConeUnavailableError as exc:
+        return None, f"the cone engine can't honour this model: {exc}"
+    except Exception as exc:  # any error here means "use vmap"
+        first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
+        return None, f"the cone engine could not run the model ({type(exc).__name__}: {first[:160]})"
+    if not abs(float(value) - float(loss0)) <= slack:
+        return None, f"the cone engine gave a different unperturbed loss ({float(value)!r} vs {float(loss0)!r})"
+    return cone, ""
+
+
+# -- low-rank starts ------------------------------------------------------------------------------
+
+
+def _linear_update(captured: Captured, source: fx.Node, op_node: fx.Node, target: Target) -> _Update | None:
+    """How one perturbed element of `source` changes the output of `op_node`, if it is linear in it."""
+    op = op_node.target
+    args = list(op_node.args)
+    if op_node.kwargs:
+        return None
+    cache = captured.cache
+    base = cache.get(op_node)
+    if not isinstance(base, torch.Tensor) or base.dim() == 0:
+        return None
+    shape = target.shape
+    column: _Column | None = None
+    if op is aten.linear.default:
+        if len(args) > 1 and args[1] is source and args[0] is not source and len(shape) == 2:
+            xt = cache[args[0]].reshape(-1, shape[1]).T.contiguous()  # rows are gathered: (in, M)
+            in_f = shape[1]
+            column = _Column(op_node, base, lambda k: k // in_f, lambda k, d: d[:, None] * xt[k % in_f])
+        elif len(args) > 2 and args[2] is source and args[1] is not source and args[0] is not source:
+            m = base.numel() // base.shape[-1]
+            column = _Column(op_node, base, lambda k: k, lambda k, d: d[:, None].expand(len(k), m))
+    elif op in (aten.matmul.default, aten.mm.default):
+        if args[1] is source and args[0] is not source and len(shape) == 2 and base.dim() >= 2:
+            at = cache[args[0]].reshape(-1, shape[0]).T.contiguous()  # out[..., c] += h * a[..., r] for W[r, c]
+            n_cols = shape[1]
+            column = _Column(op_node, base, lambda k: k % n_cols, lambda k, d: d[:, None] * at[k // n_cols])
+    elif op is aten.conv2d.default:
+        return _conv2d_update(cache, source, op_node, args, base, shape)
+    if column is None:
+        return None
+    return _next_linear(captured, column) or _Update(op_node, column.rows)
+
+
+@dataclass
+class _Column:
+    """A perturbation that changes one output column of `node` (the last dim): ``out[..., r] += dcol``."""
+
+    node: fx.Node
+    base: torch.Tensor
+    which: Callable[[torch.Tensor], torch.Tensor]  # flat element index -> column r
+    change: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (index, deltas) -> dcol (k, M)
+
+    def rows(self, index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        base2 = self.base.reshape(-1, self.base.shape[-1])
+        k = len(index)
+        rows = base2.expand(k, *base2.shape).clone()
+        rows[torch.arange(k, device=rows.device), :, self.which(index)] += self.change(index, deltas.to(rows.dtype))
+        return rows.view(k, *self.base.shape)
+
+
+def _next_linear(captured: Captured, column: _Column) -> _Update | None:
+    """One more step for free: through pointwise unary ops into a Linear, a changed column is a rank-1 update.
+
+    ``y = linear(f(z), W2, b2)`` with only column r of z changed: y changes by
+    ``(f(z')[:, r] - f(z)[:, r]) (outer) W2[:, r]``, a B x out product instead of a matmul.
+    """
+    chain: list[fx.Node] = []
+    node = column.node
+    while len(node.users) == 1:
+        (user,) = node.users
+        op = user.target
+        if op is aten.linear.default and user.args[0] is node and not user.kwargs and len(user.args) >= 2:
+            weight = user.args[1]
+            if any(a is node for a in user.args[1:]):  # the changed tensor is also the weight: not rank-1
+                return None
+            w = captured.cache.get(weight)
+            base = captured.cache.get(user)
+            if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(base, torch.Tensor):
+                return None
+            break
+        if not _pointwise_unary(user, node):
+            return None
+        chain.append(user)
+        node = user
+    else:
+        return None
+    # Columns as contiguous rows, so that a chunk's columns are one cheap gather each.
+    zt = column.base.reshape(-1, column.base.shape[-1]).T.contiguous()
+    last = captured.cache[chain[-1]] if chain else column.base
+    at = last.reshape(-1, last.shape[-1]).T.contiguous()
+    wt = w.T.contiguous()
+    out2 = base.reshape(-1, base.shape[-1])
+
+    def build(index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        r = column.which(index)
+        zcol = zt[r] + column.change(index, deltas.to(zt.dtype))  # (k, M)
+        for step in chain:  # pointwise, one tensor argument: the chain node itself
+            zcol = step.target(zcol, *step.args[1:])  # type: ignore[operator]
+        diff = zcol - at[r]
+        rows = out2.expand(len(index), *out2.shape).clone()  # contiguous, batch dim first: matmuls fold it
+        rows.addcmul_(diff[:, :, None], wt[r][:, None, :])
+        return rows.view(len(index), *base.shape)
+
+    return _Update(user, build)
+
+
+def _pointwise_unary(node: fx.Node, source: fx.Node) -> bool:
+    """A pointwise op of `source` alone (scalars besides): it maps each column to itself."""
+    op = node.target
+    if not isinstance(op, torch._ops.OpOverload) or torch.Tag.pointwise not in op.tags:
+        return False
+    if op._schema.is_mutable or node.kwargs:
+        return False
+    return node.args[0] is source and not any(isinstance(a, fx.Node) for a in node.args[1:])
+
+
+def _conv2d_update(
+    cache: dict[fx.Node, Any],
+    source: fx.Node,
+    op_node: fx.Node,
+    args: list[Any],
+    base: torch.Tensor,
+    shape: tuple[int, ...],
+) -> _Update | None:
+    """conv2d(x, W, b, stride, padding, dilation, groups): W[o, i, p, q] += h adds h * (a shifted x) to channel o."""
+    args = args + [None] * (7 - len(args))
+    x_node, w_node, b_node = args[0], args[1], args[2]
+    if x_node is source or not isinstance(x_node, fx.Node):
+        return None
+    x = cache[x_node]
+    batched = x.dim() == 4
+    if not batched and x.dim() != 3:
+        return None
+    stride, padding, dilation = (list(a) if a is not None else d for a, d in zip(args[3:6], ([1, 1], [0, 0], [1, 1])))
+    groups = args[6] if args[6] is not None else 1
+    out = base if batched else base.unsqueeze(0)
+    if w_node is source and b_node is not source and len(shape) == 4:
+        xb = x if batched else x.unsqueeze(0)
+        c_out, c_in_g, kh, kw = shape
+        cols = torch.nn.functional.unfold(xb, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+        per_group = c_out // groups
+        cols = cols.view(xb.shape[0], xb.shape[1] * kh * kw, *out.shape[2:])
+
+        def build(index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+            o = index // (c_in_g * kh * kw)
+            rest = index % (c_in_g * kh * kw)  # (i, p, q) within the group, channel-major like unfold
+            col = (o // per_group) * (c_in_g * kh * kw) + rest
+            k = len(index)
+            rows = out.expand(k, *out.shape).clone()
+            ar = torch.arange(k, device=rows.device)
+            rows[ar, :, o] += deltas.to(rows.dtype).view(k, 1, 1, 1) * cols[:, col].transpose(0, 1)
+            return rows if batched else rows.squeeze(1)
+
+        return _Update(op_node, build)
+    if b_node is source and w_node is not source and len(shape) == 1:
+
+        def build_bias(index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+            k = len(index)
+            rows = out.expand(k, *out.shape).clone()
+            rows[torch.arange(k, device=rows.device), :, index] += deltas.to(rows.dtype).view(k, 1, 1, 1)
+            return rows if batched else rows.squeeze(1)
+
+        return _Update(op_node, build_bias)
+    return None

@@ -27,12 +27,14 @@ Status = Literal[
     "wrong shape",  # ... of the wrong shape
     "wrong device",  # ... on the wrong device
     "does not accumulate",  # .grad after two backward passes equals .grad after one (something assigns .grad)
-    "backward not repeatable",  # a second backward through the same graph adds a different gradient
+    "backward not repeatable",  # a second backward through the same graph gives a different gradient
     "leaks",  # verify_batch_independence: this output sample depends on other input samples
+    "unavailable",  # a derivative the check needs can't be computed (e.g. no double backward)
+    "warning",  # an extra check (second order) failed, reported as a warning: the verdict stands
 ]
 STATUSES: tuple[str, ...] = get_args(Status)
 # Statuses that pass; every other status fails the check.
-PASSING: tuple[str, ...] = ("ok", "zero", "unused", "skipped", "inconclusive", "weak")
+PASSING: tuple[str, ...] = ("ok", "zero", "unused", "skipped", "inconclusive", "weak", "warning")
 
 Mode = Literal["auto", "full", "directional", "sampled"]
 MODES: tuple[str, ...] = get_args(Mode)

@@ -222,8 +222,9 @@ def wrapped(fn: Callable[..., Any], n: int, mutant: Mutant) -> Callable[..., Any
             leaves, spec = pytree.tree_flatten(out)
             holder["spec"], holder["leaves"] = spec, leaves
             tensors = [x for x in leaves if isinstance(x, torch.Tensor)]
-            ctx.mark_non_differentiable(*[t for t in tensors if not t.requires_grad])
-            return tuple(t.detach().clone() for t in tensors)
+            returned = tuple(t.detach().clone() for t in tensors)
+            ctx.mark_non_differentiable(*[r for r, t in zip(returned, tensors) if not t.requires_grad])
+            return returned
 
         @staticmethod
         @once_differentiable

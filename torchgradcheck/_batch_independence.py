@@ -29,6 +29,7 @@ every forward, so BatchNorm's running statistics never drift) and comes back bit
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -155,6 +156,31 @@ def _call_model(model: Any, batch: Any) -> Any:
     if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields"):
         return model(*batch)
     return model(batch)
+
+
+def _positional(model: nn.Module) -> float:
+    """How many positional arguments ``model.forward`` takes (inf with ``*args``; inf if unknown)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return math.inf
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return math.inf
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
+
+
+def model_inputs(model: nn.Module, batch: Any) -> tuple[Any, str]:
+    """The part of `batch` the model is called with, and a note if a target was left out.
+
+    A tuple/list is the model's positional arguments, unless the model takes fewer and it is
+    ``(inputs, target)``, the batch `verify_module` takes: then the model gets ``inputs`` alone.
+    """
+    if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields") and len(batch) == 2:
+        if _positional(model) < 2:
+            note = "the batch is (inputs, target), as for verify_module: the model was called with the inputs alone"
+            return batch[0], note
+    return batch, ""
 
 
 def _validate(model: Any, batch: Any, batch_dim: Any, forward: Any, samples: Any) -> None:
@@ -309,8 +335,10 @@ def verify_batch_independence(
         model: the module. It runs as it is (train or eval mode): train-mode BatchNorm mixes samples
             by design and fails, with a hint to check in eval mode.
         batch: the model's input: a Tensor (``model(batch)``), a tuple/list (``model(*batch)``) or a
-            dict (``model(**batch)``). Its floating tensors with the batch size at `batch_dim` are
-            perturbed; other tensors (masks, token ids, shared tensors) are passed as they are.
+            dict (``model(**batch)``). The batch of `verify_module` works too: ``(inputs, target)``
+            for a model that takes one argument calls ``model(inputs)`` (noted). Its floating tensors
+            with the batch size at `batch_dim` are perturbed; other tensors (masks, token ids, shared
+            tensors) are passed as they are.
         batch_dim: the batch dimension of the inputs and outputs (negative counts from the end).
         forward: instead, ``forward(model, batch) -> output`` (any nesting of tensors).
         samples: how many output samples to check (an int, drawn at random with `seed`), or which
@@ -339,7 +367,11 @@ def verify_batch_independence(
     with preserved_global_state(), lend_model(model, dtype) as lent:
         if dtype == torch.float64:
             torch.set_default_dtype(torch.float64)
+        note = ""
+        if forward is None:
+            converted, note = model_inputs(model, converted)
         setup = _setup(lent, converted, batch_dim, forward or _call_model, seed)
+        setup.notes += [note] if note else []
         checked = _choose_samples(setup.size, samples, seed)
         eps_, rtol_ = resolve_tolerances(dtype or setup.leaves[0].dtype, eps, rtol)
         result = _run(setup, checked, eps_, rtol_, float(atol))

@@ -78,6 +78,34 @@ def layernorm_final(bug=None):
     return Case(model, lambda out: out.pow(2).mean(), (torch.randn(5, 6),), expect="fail" if bug else "pass")
 
 
+class NoiseFloorLayerNorm(nn.Module):
+    """Linear -> tanh -> Linear (large) -> LayerNorm without affine, loss out.pow(2).mean() ~ constant.
+
+    The loss barely depends on the parameters (only through LayerNorm's eps): every gradient sits at
+    the noise floor, so the check has little power (a 19 % error could pass): the correct model is
+    "not passed, nothing tested with power"; a 2x wrong backward is still over the tolerance and fails.
+    """
+
+    def __init__(self, bug: float | None = None) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(6, 8)
+        self.fc2 = nn.Linear(8, 8, bias=False)
+        self.ln = nn.LayerNorm(8, elementwise_affine=False)
+        self.bug = bug
+
+    def forward(self, x):
+        return self.ln(self.fc2(wrong(torch.tanh(self.fc1(x)), self.bug)))
+
+
+def layernorm_noise_floor(bug=None):
+    torch.manual_seed(0)
+    model = NoiseFloorLayerNorm(bug)
+    with torch.no_grad():
+        model.fc2.weight.mul_(1000)
+    expect = "fail" if bug else "no power"
+    return Case(model, lambda out: out.pow(2).mean(), (torch.randn(5, 6),), {"mode": "full"}, expect=expect)
+
+
 class MaskedAttention(nn.Module):
     def __init__(self, bug: float | None = None) -> None:
         super().__init__()
@@ -279,6 +307,7 @@ def _e(bug) -> str:
 # name -> (factory, bug factor for its twin)
 CASES: dict[str, tuple[Callable[..., Case], float]] = {
     "layernorm_final": (layernorm_final, 1.02),
+    "layernorm_noise_floor": (layernorm_noise_floor, 2.0),
     "attention_masks": (attention_masks, 1.02),
     "embedding_padding_idx": (embedding_padding_idx, 1.02),
     "gru": (gru, 1.02),

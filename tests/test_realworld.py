@@ -26,6 +26,9 @@ def test_realworld_verdict(name, bug):
         assert report.passed, report
     else:  # "fail", or "no power": never an OK
         assert not report.passed, report
+    if case.expect == "no power":
+        assert not report.powered, report
+        assert "nothing was tested with power" in report.headline()
 
 
 def test_embedding_padding_row_is_listed_not_failed():

@@ -600,3 +600,50 @@ def test_power_numbers_quoted_in_the_readme():
     random.seed(0)
     c = python_random_noise()
     assert smallest_error_seen(c.model, c.loss_fn, c.batch) > 5.0
+
+
+class _NanSum(torch.autograd.Function):
+    """torch.nansum with a hand-written backward; `scale` plants a wrong slope."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(x)
+        ctx.scale = scale
+        return torch.nansum(x * x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return torch.where(torch.isnan(x), torch.zeros_like(x), 2 * x * g * ctx.scale), None
+
+
+@pytest.mark.parametrize("fn", ["torch", "hand-written"])
+def test_verify_function_nansum_over_nan_inputs_lists_them_and_checks_the_rest(fn):
+    from torchgradcheck import verify_function
+
+    x = torch.tensor([[0.5, float("nan"), -1.0], [2.0, 0.25, float("nan")]], dtype=torch.float64, requires_grad=True)
+    f = torch.nansum if fn == "torch" else (lambda x: _NanSum.apply(x, 1.0))
+    report = verify_function(f, x, second_order=False)
+    assert report.passed, report
+    first = report.results[0]
+    assert first.checked == 4
+    assert "[0, 1]" in first.note
+    assert "not finite" in first.note
+
+
+def test_verify_function_nansum_with_a_wrong_slope_fails():
+    from torchgradcheck import verify_function
+
+    x = torch.tensor([[0.5, float("nan"), -1.0], [2.0, 0.25, float("nan")]], dtype=torch.float64, requires_grad=True)
+    assert not verify_function(lambda x: _NanSum.apply(x, 1.02), x, second_order=False).passed
+
+
+def test_verify_function_nansum_default_options_with_nan_gradients():
+    """nansum(x * x): autograd's gradient is NaN at the NaN elements (0 * NaN); they are not judged, the
+    rest passes every row, and the determinism row treats NaN in the same places as the same gradient."""
+    from torchgradcheck import verify_function
+
+    x = torch.tensor([[0.5, float("nan"), -1.0], [2.0, 0.25, float("nan")]], dtype=torch.float64, requires_grad=True)
+    report = verify_function(lambda x: torch.nansum(x * x), x)
+    assert report.passed, report
+    assert "x[0, 1], x[1, 2]" in str(report)

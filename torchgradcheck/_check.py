@@ -185,13 +185,18 @@ def padding_rows(model: nn.Module) -> dict[int, int]:
     return rows
 
 
-def mark_skipped_elements(target: Target, grad: torch.Tensor | None, padding: dict[int, int]) -> None:
-    """Set `target.skip` / `skip_note`: non-finite elements, and padding rows whose gradient is 0 by design."""
+def mark_skipped_elements(
+    target: Target, grad: torch.Tensor | None, padding: dict[int, int], label: str | None = None
+) -> None:
+    """Set `target.skip` / `skip_note`: non-finite elements, and padding rows whose gradient is 0 by design.
+
+    `label` names the tensor in the note (default: its target name).
+    """
     skip = ~torch.isfinite(target.tensor)
     notes = []
     if bool(skip.any()):
         where = skip.nonzero().tolist()
-        shown = ", ".join(element_name(target.name, tuple(i)) for i in where[:_SHOWN])
+        shown = ", ".join(element_name(label or target.name, tuple(i)) for i in where[:_SHOWN])
         more = f" and {len(where) - _SHOWN} more" if len(where) > _SHOWN else ""
         notes.append(f"{len(where)} element(s) not finite (NaN/Inf), not perturbed nor judged: {shown}{more}")
     # (a DTensor's local block has other row numbers: its padding row is judged like any other)

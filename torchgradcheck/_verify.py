@@ -146,11 +146,12 @@ def verify_module(
     extras = _extras(accumulation, after_steps, optimizer, second_order)
     with preserved_global_state(), lend_model(model, dtype) as lent:
         report = _run(lent, objective, checked, skipped, inputs, options, start, extras)
-        if after_steps and (localise or (localise is None and not report.passed)):
+        if after_steps and (localise or (localise is None and not report.passed and report.powered)):
             # localise at the stepped point, where the bug showed: the lent model holds the stepped copies
             report = _localised(report, lent.model, loss_fn, batch, forward, dtype, seed, engine, inputs, start)
             localise = False
-    if localise or (localise is None and not report.passed):
+    # Nothing to localise when nothing was tested with power (no finding, only "no verdict").
+    if localise or (localise is None and not report.passed and report.powered):
         report = _localised(report, model, loss_fn, batch, forward, dtype, seed, engine, inputs, start)
     return report
 

@@ -505,7 +505,10 @@ def check_noncontiguous(ex: Extras) -> list[TensorResult]:
         for s in changed:
             a = grads[k][s.key]
             check = ex.checks[(k, s.key)]
-            redo = dataclasses.replace(check, analytical=torch.zeros_like(check.analytical) if a is None else a)
+            a_checked = a if a is None or check.index is None else a[check.index]  # skipped elements: not judged
+            redo = dataclasses.replace(
+                check, analytical=torch.zeros_like(check.analytical) if a_checked is None else a_checked
+            )
             target = Target(f"non-contiguous: {ex.pair(k, s.name)}", values[s.key].detach(), kind="non-contiguous")
             rows.append(summarise(target, redo, a is not None))
     return rows
@@ -526,7 +529,8 @@ def determinism_results(ex: Extras, nondet_tol: float) -> list[TensorResult]:
             if (a is None) != (b is None):
                 diff = math.inf
             else:
-                diff = 0.0 if a is None or b is None or a.numel() == 0 else float((a - b).abs().max())
+                # NaN in the same places on both runs (NaN inputs) is the same gradient
+                diff = 0.0 if a is None or b is None or a.numel() == 0 else nan_aware_gap(a, b)
             worst = max(worst, diff)
             if not diff <= nondet_tol:
                 rows.append(
@@ -543,3 +547,9 @@ def determinism_results(ex: Extras, nondet_tol: float) -> list[TensorResult]:
         same = "identical gradients" if worst == 0 else f"gradients within {worst:.1e} (nondet_tol={nondet_tol:g})"
         ex.notes.append(f"determinism: the backward run twice gives {same}")
     return rows
+
+
+def nan_aware_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|``, where NaN in the same places on both sides (NaN inputs, as nansum takes) counts as equal."""
+    gap = (a - b).abs()
+    return float(gap.masked_fill(torch.isnan(a) & torch.isnan(b), 0.0).max())

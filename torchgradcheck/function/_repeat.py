@@ -15,7 +15,7 @@ import math
 import torch
 
 from .._report import TensorResult
-from ._extras import DTYPE, Extras, float_outputs
+from ._extras import DTYPE, Extras, float_outputs, nan_aware_gap
 
 __all__ = ["repeatability_results"]
 
@@ -55,7 +55,7 @@ def repeatability_results(ex: Extras, nondet_tol: float) -> list[TensorResult]:
         if (a is None) != (b is None):
             diff = math.inf
         else:
-            diff = 0.0 if a is None or b is None or a.numel() == 0 else float((a - b).abs().max())
+            diff = 0.0 if a is None or b is None or a.numel() == 0 else nan_aware_gap(a, b)
         if diff <= nondet_tol:
             continue
         slot = next(s for s in ex.call.slots if s.key == key)

@@ -34,7 +34,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .._batch import Objective
-from .._check import _DTYPE_ERROR
+from .._check import _DTYPE_ERROR, mark_skipped_elements
 from .._compare import relative_error
 from .._engines import EngineSwitch, LoopEngine, choose_engine
 from .._errors import InvalidArgumentError, InvalidArgumentTypeError
@@ -206,8 +206,7 @@ def _convert_leaf(tree: Any, name: str, slots: list[_Slot], work: torch.dtype | 
     if tree.requires_grad and tree.is_floating_point() and tree.numel() == 0:
         empty.append(name)
     elif tree.requires_grad and tree.is_floating_point():
-        if not bool(torch.isfinite(tree.detach()).all()):
-            raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
+        # NaN/Inf elements (inputs meant for torch.nansum) are legal: never perturbed, listed (`_first_order`)
         expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
         slots.append(_Slot(f"in{len(slots)}", name, tree, expanded))
         return slots[-1]
@@ -419,7 +418,10 @@ def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]
         )
     for i, t in outs:
         if not bool(torch.isfinite(t.detach()).all()):
-            raise InvalidArgumentError(f"{_CALL}: output {i} of fn is not finite at the given inputs.")
+            raise InvalidArgumentError(
+                f"{_CALL}: output {i} of fn is not finite at the given inputs (NaN/Inf input elements are "
+                "legal only where fn ignores them, as torch.nansum does)."
+            )
     checked = [(i, t) for i, t in outs if t.requires_grad and t.numel() > 0]
     return raw, checked, [i for i, t in outs if not t.requires_grad or t.numel() == 0]
 
@@ -650,6 +652,7 @@ def _first_order(
         for s in call.slots:
             param = getattr(call, s.key)
             target = Target(s.key, param.data, kind="parameter", param=param)
+            mark_skipped_elements(target, ex.grads[k][s.key], {}, s.name)  # NaN/Inf input elements: not perturbed
             switch: EngineSwitch = choose_engine(_CALL, loop, target, losses[k], nondet, shared.engine, ex.notes)
             a = ex.grads[k][s.key]
             flat = torch.zeros(param.numel(), dtype=DTYPE, device=param.device) if a is None else a

@@ -98,6 +98,17 @@ def tp_mlp(rank: int, world: int, activation: nn.Module | None = None) -> tuple:
     return model, nn.MSELoss(), _tp_batch()
 
 
+def tp_dtensor_output(rank: int, world: int) -> tuple:
+    """The last layer keeps its output a DTensor (use_local_output=False): the loss is a DTensor too."""
+    from torch.distributed.tensor import Replicate, distribute_tensor
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    model, mesh = _mlp(HIDDEN), _mesh(world)
+    parallelize_module(model, mesh, {"0": ColwiseParallel(), "2": RowwiseParallel(use_local_output=False)})
+    x, y = _tp_batch()
+    return model, nn.MSELoss(), (x, distribute_tensor(y, mesh, [Replicate()]))
+
+
 def tp_rank1_scales_its_shard_gradient(rank: int, world: int) -> tuple:
     """Rank 1 scales the gradient of its shard of 0.weight by 1.02 (a hook on that rank only)."""
     model, loss_fn, batch = tp_mlp(rank, world)
@@ -165,7 +176,7 @@ def fsdp_rank1_scales_its_shard_gradient(rank: int, world: int) -> tuple:
     return model, loss_fn, batch
 
 
-TP_CORRECT: dict[str, Callable[[int, int], tuple]] = {"tp_mlp": tp_mlp}
+TP_CORRECT: dict[str, Callable[[int, int], tuple]] = {"tp_mlp": tp_mlp, "tp_dtensor_output": tp_dtensor_output}
 TP_BUGS: dict[str, Callable[[int, int], tuple]] = {
     "tp_rank1_scales_its_shard_gradient": tp_rank1_scales_its_shard_gradient,
     "tp_wrong_activation_backward": tp_wrong_activation_backward,

@@ -126,8 +126,9 @@ GLOBAL_SHAPES = {"0.weight": (8, 6), "0.bias": (8,), "2.weight": (4, 8), "2.bias
 
 
 @pytest.mark.slow
-def test_tensor_parallel_correct_model_passes_with_global_names_and_shapes(outcomes):
-    report = _report(outcomes, "tp_mlp")
+@pytest.mark.parametrize("case", sorted(TP_CORRECT))
+def test_tensor_parallel_correct_model_passes_with_global_names_and_shapes(outcomes, case):
+    report = _report(outcomes, case)
     assert report.passed, report
     assert {r.name: r.shape for r in report.results} == GLOBAL_SHAPES
     assert sum(r.checked for r in report.results) == 8 * 6 + 8 + 4 * 8 + 4  # every global element, once

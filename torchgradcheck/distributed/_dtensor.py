@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._batch import Objective
 from .._dtensor import is_dtensor, local_tensor
 from .._errors import InvalidArgumentError
 from .._measure import TensorCheck, summarise
@@ -35,9 +36,30 @@ from .._params import Target
 from .._report import TensorResult
 from ._collectives import CALL
 
-__all__ = ["dtensor_dtype", "dtensor_placements", "fsdp_modules", "global_result", "reshard", "shard_block"]
+__all__ = [
+    "GlobalLoss",
+    "dtensor_dtype",
+    "dtensor_placements",
+    "fsdp_modules",
+    "global_result",
+    "reshard",
+    "shard_block",
+]
 
 Block = tuple[torch.Tensor, "TensorCheck | None", bool]  # global indices of a rank's elements, its check, has .grad
+
+
+class GlobalLoss(Objective):
+    """The objective, a DTensor loss (a model whose output stays a DTensor) replaced by its full value."""
+
+    def __init__(self, inner: Objective) -> None:
+        super().__init__(inner.loss_fn, inner.batch, inner.forward)
+        self.inner = inner
+        self.needs_grad = inner.needs_grad
+
+    def __call__(self, model: Any) -> Any:
+        loss = self.inner(model)
+        return loss.full_tensor() if is_dtensor(loss) else loss
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:

@@ -53,7 +53,7 @@ from ._collectives import (
     spread,
     target_generator,
 )
-from ._dtensor import dtensor_placements, global_result, reshard, shard_block
+from ._dtensor import GlobalLoss, dtensor_placements, global_result, reshard, shard_block
 
 __all__ = ["LockstepEngine", "measure_agreed", "resolve_placement", "run_lockstep"]
 
@@ -123,11 +123,12 @@ class _MeanOverRanks(Objective):
 
     def __init__(self, inner: Objective, group: Any, fsdp: list[Any]) -> None:
         super().__init__(inner.loss_fn, inner.batch, inner.forward)
+        self.inner = inner
         self.group = group
         self.fsdp = fsdp
 
     def __call__(self, model: Any) -> Any:
-        local = torch.as_tensor(super().__call__(model)).detach()
+        local = torch.as_tensor(self.inner(model)).detach()
         reshard(self.fsdp)  # FSDP2 keeps the root unsharded after a forward: the next one must all-gather again
         return reduced(local.reshape(1), dist.ReduceOp.SUM, self.group)[0] / dist.get_world_size(self.group)
 
@@ -238,6 +239,7 @@ def run_lockstep(
     objective is the mean of the ranks' losses (as for DDP), and they are resharded after every forward.
     """
     where, dtensors = _layout(lent, objective, targets, placement, group, notes)
+    objective = GlobalLoss(objective)
     if fsdp and any(t.kind == "input" for t in targets):
         raise InvalidArgumentError(
             f"{CALL}: an FSDP2 (fully_shard) model is data parallel: each rank's batch reaches only its own loss, "

@@ -255,6 +255,10 @@ def test_torchrun_example_runs_and_matches_the_readme():
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(EXAMPLE)]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE, env=env, cwd=ROOT)
+    if done.returncode != 0 and "terminate called without an active exception" in done.stderr:
+        # torch's process teardown (after destroy_process_group) sometimes aborts one rank at exit,
+        # after the example has finished (about 1 run in 8 on this machine): run it once more
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=DEADLINE, env=env, cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     verdicts = [line for line in done.stdout.splitlines() if line.startswith("verify_distributed:")]
     assert [v.split(",")[0] for v in verdicts] == [

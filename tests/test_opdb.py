@@ -92,3 +92,25 @@ def test_opdb_logcumsumexp_jvp_defect_is_real():
     assert torch.equal(reverse, want)  # ... reverse mode is exact
     report = verify_function(lambda t: torch.logcumsumexp(t, dim), x.clone().requires_grad_(True))
     assert [r.kind for r in report.failures] == ["forward mode"]  # and the checker blames only the jvp
+
+
+def test_opdb_cholesky_inverse_jvp_defect_is_real():
+    """Forward mode disagrees with reverse mode, and differences side with reverse mode."""
+    import torch
+    import torch.autograd.forward_ad as fwAD
+
+    fn, args = oc.case(_OPS["cholesky_inverse"], oc.samples(_OPS["cholesky_inverse"], 7)[6])
+    x = args[0].detach().clone()
+    d = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype)
+    with fwAD.dual_level():
+        forward = fwAD.unpack_dual(fn(fwAD.make_dual(x, d))).tangent
+    jac = torch.autograd.functional.jacobian(fn, x).reshape(-1, x.numel())
+    reverse = (jac @ d.reshape(-1)).reshape(forward.shape)
+    h = 1e-4
+    d1, d2 = ((fn(x + k * h * d) - fn(x - k * h * d)) / (2 * k * h) for k in (1, 2))
+    richardson = (4 * d1 - d2) / 3
+    scale = float(reverse.abs().max())
+    assert float((richardson - reverse).abs().max()) < 1e-10 * scale  # differences agree with reverse mode
+    assert float((forward - reverse).abs().max()) > 1e-6 * scale  # forward mode does not
+    report = verify_function(fn, x.clone().requires_grad_(True))
+    assert {r.kind for r in report.failures} == {"forward mode"}  # the checker blames only the jvp

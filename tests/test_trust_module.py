@@ -647,3 +647,14 @@ def test_verify_function_nansum_default_options_with_nan_gradients():
     report = verify_function(lambda x: torch.nansum(x * x), x)
     assert report.passed, report
     assert "x[0, 1], x[1, 2]" in str(report)
+
+
+def test_no_grad_fast_path_in_float32_is_the_same_function():
+    """TransformerEncoderLayer in eval mode takes a fused fast path under no_grad: a few float32 ulps
+    away from the grad-enabled loss, which is the same function (no C2 error)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True, dropout=0.0).eval()
+    x = torch.randn(2, 5, 8)
+    options = {"dtype": None, "mode": "sampled", "engine": "loop", "localise": False}
+    report = verify_module(layer, lambda out: out.pow(2).mean() + out.sum(), (x,), **options)
+    assert report.passed, report

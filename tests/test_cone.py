@@ -268,3 +268,29 @@ def test_cone_checks_batch_inputs_too():
     assert vmap.passed
     assert [r.name for r in cone.results] == [r.name for r in vmap.results]
     assert [r.status for r in cone.results] == [r.status for r in vmap.results]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"reduction": "sum"}, {"ignore_index": 1}, {"weight": "w"}, {"label_smoothing": 0.1}],
+    ids=["mean", "sum", "ignore_index", "weight", "smoothing"],
+)
+def test_cone_cross_entropy_in_plain_ops_equals_torch(options):
+    """The cone evaluates cross_entropy in plain ops (or hands the unusual cases back to torch): same numbers."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    if options.get("weight") == "w":
+        options = {"weight": torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)}
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 1, 0, 2])
+
+    def loss(out, t):
+        return F.cross_entropy(out, t, **options)
+
+    with preserved_global_state(), lend_model(model, torch.float64) as lent:
+        objective = Objective(loss, convert_batch((x, y), torch.float64), None)
+        cone, vmap = ConeEngine(lent, objective, 0), VmapEngine(lent, objective, 0)
+        target = Target("weight", model.weight.data, param=model.weight)
+        index = torch.arange(12)
+        a, b = cone.losses(target, index, target.flat + 1e-3), vmap.losses(target, index, target.flat + 1e-3)
+        assert torch.allclose(a, b, rtol=0, atol=1e-14)
+        assert torch.allclose(cone.cached_loss, vmap.loss(), rtol=0, atol=1e-15)

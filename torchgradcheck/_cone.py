@@ -501,9 +501,15 @@ class ConeEngine(Engine):
         diagonal = torch.arange(size, device=flat.device)
         fn = self._cone_fn(ph, cone)
 
+        last: list[
+            torch.Tensor
+        ] = []  # the elements the previous chunk set, put back first (O(rows), not O(rows*numel))
+
         def make(a: int, b: int) -> torch.Tensor:
             k = b - a
-            rows.copy_(flat.expand_as(rows))
+            for idx in last:
+                rows[diagonal[: len(idx)], idx] = flat[idx]
+            last[:] = [index[a:b]]
             rows[diagonal[:k], index[a:b]] = values[a:b].to(rows.dtype)
             return rows[:k].view(k, *target.shape)
 

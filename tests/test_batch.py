@@ -152,8 +152,9 @@ def test_batch_namedtuple_is_passed_whole_with_its_type():
 
 
 def test_batch_non_tensor_values_pass_through():
-    model_call, _ = _check({"x": _t(3), "scale": 2.5, "name": "abc"})
-    assert model_call[1] == ("dict", {"x": ("tensor", (3,), F64), "scale": ("float", 2.5), "name": ("str", "abc")})
+    """Plain Python scalars pass through; a string is an error naming it (issue 9, tests/test_trust_module.py)."""
+    model_call, _ = _check({"x": _t(3), "scale": 2.5, "flag": None})
+    assert model_call[1] == ("dict", {"x": ("tensor", (3,), F64), "scale": ("float", 2.5), "flag": ("NoneType", None)})
 
 
 def test_batch_integer_tensors_pass_through_unchanged():

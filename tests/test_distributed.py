@@ -132,7 +132,27 @@ def job_split(rank: int, world: int) -> dict[str, Any]:
     torch.manual_seed(rank)  # a different model on every rank
     model, loss_fn, batch = CORRECT["correct_mlp"]()
     out["not_replicated"] = _run(model, loss_fn, batch, split=True)
+    out["raises_on_rank1"] = _raises_on_rank1(rank)
     return out
+
+
+class _FailsOnRank1(torch.nn.Linear):
+    """A model whose own forward raises on rank 1 during the perturbed evaluations (grad off) only."""
+
+    def forward(self, x):
+        if dist.get_rank() == 1 and not torch.is_grad_enabled():
+            raise RuntimeError("boom from the model on rank 1")
+        return super().forward(x)
+
+
+def _raises_on_rank1(rank: int) -> str:
+    torch.manual_seed(0)
+    model = _FailsOnRank1(3, 2)
+    try:
+        verify_distributed(model, torch.nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)), split=True)
+    except Exception as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "no error"
 
 
 def job_errors(rank: int, world: int) -> dict[str, Any]:
@@ -271,6 +291,16 @@ def test_verify_distributed_split_agrees_with_single_process(outcomes, case):
 def test_verify_distributed_split_rejects_model_that_differs_across_ranks(outcomes):
     for error, _ in (r["not_replicated"] for r in outcomes("split")):
         assert "split=True needs the same model and batch on every rank" in error
+
+
+@pytest.mark.slow
+def test_verify_distributed_lets_the_models_own_error_through_on_its_rank(outcomes):
+    """As verify_module does: the failing rank gets the model's RuntimeError; the others are told which rank."""
+    rank0, rank1 = (r["raises_on_rank1"] for r in outcomes("split"))
+    assert rank1 == "RuntimeError: boom from the model on rank 1"
+    assert rank0.startswith("RankError: verify_distributed(model, loss_fn, batch): on rank 1: RuntimeError: boom"), (
+        rank0
+    )
 
 
 ERRORS = {

@@ -349,3 +349,94 @@ def test_cli_after_steps_and_second_order(tmp_path, capsys):
     assert "2 SGD step(s)" in out
     assert main(["check", f"{path}:lin", "--no-accumulation", "--json"]) == 0
     assert '"accumulation": "off"' in capsys.readouterr().out
+
+
+def test_accumulation_backward_that_cannot_run_twice_is_a_note():
+    class Frees(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.x = x
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            x = ctx.x
+            del ctx.x  # frees what it kept: a second backward through this graph raises AttributeError
+            return 2 * x * g
+
+    model = nn.Sequential(nn.Linear(3, 2), Act(Frees))
+    report = verify_module(model, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 2)), mode="full")
+    assert report.passed, report
+    assert any("gradient accumulation not checked" in n for n in report.notes)
+
+
+class _TanhGrad(torch.autograd.Function):
+    """The derivative g * (1 - tanh(x)^2) as a Function, whose own backward (d/dx) is `scale` times right."""
+
+    @staticmethod
+    def forward(ctx, x, g, scale):
+        ctx.save_for_backward(x, g)
+        ctx.scale = scale
+        t = torch.tanh(x)
+        return g * (1 - t * t)
+
+    @staticmethod
+    def backward(ctx, gg):
+        x, g = ctx.saved_tensors
+        t = torch.tanh(x)
+        d = 1 - t * t
+        return gg * g * (-2 * t * d) * ctx.scale, gg * d, None
+
+
+class _TanhTwice(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(x)
+        ctx.scale = scale
+        return torch.tanh(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return _TanhGrad.apply(x, g, ctx.scale), None
+
+
+class PoissonMLP(nn.Module):
+    def __init__(self, scale: float) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.scale = nn.Linear(2, 12), nn.Linear(12, 1), scale
+
+    def forward(self, x):
+        return self.fc2(_TanhTwice.apply(self.fc1(x), self.scale))
+
+
+def poisson_loss(model, x):
+    """-laplacian(u) = 1 in the unit square, u = 0 at a boundary point: second derivatives inside the loss."""
+    x = x.clone().requires_grad_(True)
+    (du,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    lap = sum(torch.autograd.grad(du[:, k].sum(), x, create_graph=True)[0][:, k] for k in range(2))
+    return (lap + 1).pow(2).mean() + model(torch.zeros(1, 2)).pow(2).sum()
+
+
+@pytest.mark.parametrize(("scale", "passes"), [(1.1, False), (1.0, True)])
+def test_poisson_loss_wrong_double_backward_baked_into_the_loss(scale, passes):
+    """The Laplacian's value itself uses the wrong double backward, so finite differences of the loss
+    agree with autograd; the model's own second derivatives w.r.t. its input do not."""
+    model, x = PoissonMLP(scale), torch.rand(10, 2)
+    before = snapshot(model)
+    report = verify_module(model, None, x, forward=poisson_loss, mode="full", localise=False)
+    assert report.passed == passes, report
+    row = {r.name: r for r in report.results}["model input[0] (Hv)"]
+    assert row.status == ("ok" if passes else "mismatch")
+    assert_unchanged(before, model)
+
+
+def test_second_order_relu_exactly_at_a_kink_is_not_a_false_alarm():
+    model = nn.Sequential(nn.Linear(1, 2), nn.ReLU(), nn.Linear(2, 1))
+    with torch.no_grad():  # unit 0's pre-activation is exactly 0 for the first sample
+        model[0].weight.copy_(torch.tensor([[1.0], [0.5]]))
+        model[0].bias.copy_(torch.tensor([-1.0, 0.3]))
+    batch = (torch.tensor([[1.0], [2.0], [-1.0]]), torch.randn(3, 1))
+    report = verify_module(model, nn.MSELoss(), batch, mode="full", second_order=True, localise=False)
+    assert report.passed, report
+    assert {r.status for r in report.results if r.kind == "second order"} <= {"ok", "inconclusive"}

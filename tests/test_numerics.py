@@ -192,12 +192,14 @@ def test_mostly_kinks_is_inconclusive_and_says_so():
     report = verify_module(ReLUAtZero(), lambda out: out, torch.ones(10), mode="full")
     (r,) = report.results
     assert r.status == "inconclusive"
-    assert report.passed  # never a failure (the issue's rule), but never an "ok" either
+    assert r.passed  # never a failure (the issue's rule), but never an "ok" either ...
+    assert not report.passed  # ... and with nothing else checked, no verdict: nothing was tested (issue 9, C3)
+    assert "nothing was tested with power" in report.headline()
     assert r.excluded == 10
     assert "too few left to judge" in str(report)
 
 
-def test_abs_at_zero_passes_by_symmetry():
+def test_abs_at_zero_is_no_false_alarm():
     class AbsAtZero(nn.Module):
         def __init__(self):
             super().__init__()
@@ -206,7 +208,11 @@ def test_abs_at_zero_passes_by_symmetry():
         def forward(self, x):
             return (self.w.abs() * x).sum()
 
-    assert verify_module(AbsAtZero(), lambda out: out, torch.ones(3), mode="full").passed
+    report = verify_module(AbsAtZero(), lambda out: out, torch.ones(3), mode="full")
+    (r,) = report.results
+    assert r.status == "zero"  # both sides 0 by symmetry: no failure ...
+    assert r.failed == 0
+    assert not report.passed  # ... but nothing was tested either (issue 9, C3)
 
 
 def test_one_element_error_in_ten_thousand_is_caught_with_default_options():

@@ -166,9 +166,16 @@ def test_verify_function_second_order_row_and_option():
     (row,) = report.failures  # ... the second is not
     assert (row.name, row.status) == ("2nd order: grad w.r.t. x", "no gradient")
     assert ".detach()" in row.note
-    off = verify_function(fn, *args, second_order=False, **kwargs)
+    assert kwargs == {"second_order": True}
+    off = verify_function(fn, *args, second_order=False)
     assert off.passed
     assert "second order: off (second_order=False)" in off.notes
+    default = verify_function(fn, *args)  # second_order=None: a warning, the verdict stands
+    assert default.passed
+    assert [(r.name, r.status) for r in default.results if r.kind == "second order"] == [
+        ("2nd order: grad w.r.t. x", "warning")
+    ]
+    assert "2nd order: grad w.r.t. x" in default.warnings[0]
 
 
 def test_verify_function_second_order_catches_a_detached_cross_term():
@@ -184,7 +191,7 @@ def test_verify_function_second_order_catches_a_detached_cross_term():
             return g * w.detach(), g * x  # d(grad_x)/dw is lost; d(grad_w)/dx is kept
 
     x, w = (torch.randn(4, dtype=torch.float64, requires_grad=True) for _ in range(2))
-    report = _check((Mul.apply, (x, w), {}))
+    report = _check((Mul.apply, (x, w), {"second_order": True}))
     assert [r.name for r in report.failures] == ["2nd order: grad w.r.t. w"]
     assert report.evaluations < 150  # second order costs O(1) evaluations, not O(N)
 
@@ -215,7 +222,7 @@ def test_verify_function_once_differentiable_is_a_note_not_a_failure():
 
 def test_verify_function_forward_mode_note_when_no_jvp():
     report = _check(linear())
-    assert "forward mode: not checked: Linear defines no jvp" in report.notes
+    assert "forward mode unavailable: Linear defines no jvp; not compared" in report.notes
 
 
 def test_verify_function_forward_mode_checks_jvp():
@@ -428,14 +435,15 @@ def test_verify_function_rejects_bad_option_values():
     x = torch.randn(3, requires_grad=True)
     with pytest.raises(InvalidArgumentError, match="eps"):
         verify_function(torch.sin, x, eps=-1.0)
-    with pytest.raises(InvalidArgumentTypeError, match="second_order= must be True or False"):
+    with pytest.raises(InvalidArgumentTypeError, match="second_order= must be True, False or None"):
         verify_function(torch.sin, x, second_order="yes")
     with pytest.raises(InvalidArgumentError, match="nondet_tol"):
         verify_function(torch.sin, x, nondet_tol=-1)
 
 
-def test_verify_function_rejects_nan_and_complex_inputs():
-    with pytest.raises(InvalidArgumentError, match="x contains NaN or Inf"):
+def test_verify_function_rejects_nan_output_and_complex_inputs():
+    """NaN inputs are legal (issue 9, A4: see test_trust_module.py), a non-finite output is not."""
+    with pytest.raises(InvalidArgumentError, match=r"output 0 of fn is not finite.*torch\.nansum"):
         verify_function(lambda x: x.sin(), torch.tensor([1.0, float("nan")], requires_grad=True))
     with pytest.raises(InvalidArgumentError, match="complex inputs are not supported"):
         verify_function(lambda x: x.abs(), torch.randn(3, dtype=torch.complex128, requires_grad=True))

@@ -38,7 +38,10 @@ class BatchError(ValueError):
 
 
 def convert_batch(batch: Any, dtype: torch.dtype | None, path: str = "batch") -> Any:
-    """Copy the batch, floating tensors in `dtype`; reject NaN/Inf. Never touches the caller's tensors.
+    """Copy the batch, floating tensors in `dtype`. Never touches the caller's tensors.
+
+    NaN/Inf elements are kept (masks holding -inf, inputs meant for nansum): they are never perturbed,
+    and only a non-finite loss at the unperturbed point is an error (`check_loss`).
 
     Containers are walked with ``torch.utils._pytree`` (tuples, lists, dicts, namedtuples and every
     registered container), rebuilt with their own types.
@@ -50,8 +53,6 @@ def _convert_leaf(batch: Any, dtype: torch.dtype | None, path: str) -> Any:
     if not isinstance(batch, torch.Tensor):
         return batch
     if batch.is_floating_point() or batch.is_complex():
-        if not bool(torch.isfinite(batch).all()):
-            raise BatchError(f"{path} contains NaN or Inf")
         target = dtype or batch.dtype
         if batch.is_complex():  # complex stays complex: casting to a real dtype would drop the imaginary part
             target = _COMPLEX.get(target, batch.dtype)
@@ -61,6 +62,23 @@ def _convert_leaf(batch: Any, dtype: torch.dtype | None, path: str) -> Any:
         with torch.inference_mode(False):
             return batch.clone()
     return batch
+
+
+def _paths(batch: Any, path: str, keep: Callable[[torch.Tensor], bool]) -> list[str]:
+    leaves, _ = pytree.tree_flatten_with_path(batch)
+    return [path + pytree.keystr(k) for k, t in leaves if isinstance(t, torch.Tensor) and keep(t)]
+
+
+def non_finite_paths(batch: Any, path: str = "batch") -> list[str]:
+    """Paths of the batch's floating tensors holding NaN or Inf elements (for the error on a non-finite loss)."""
+    return _paths(
+        batch, path, lambda t: (t.is_floating_point() or t.is_complex()) and not bool(torch.isfinite(t).all())
+    )
+
+
+def integer_paths(batch: Any, path: str = "batch") -> list[str]:
+    """Paths of the batch's integer tensors (indices are fine; fed to a float layer they are an error)."""
+    return _paths(batch, path, lambda t: not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool))
 
 
 def input_targets(batch: Any, path: str = "batch") -> list[Target]:

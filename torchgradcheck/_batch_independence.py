@@ -29,6 +29,7 @@ every forward, so BatchNorm's running statistics never drift) and comes back bit
 
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -42,7 +43,7 @@ from torch.utils import _pytree as pytree
 from ._compare import NOISE_SIGMAS
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._noise import noise_per_column, unit_roundoff
-from ._options import reject_unknown, resolve_tolerances, validate_common
+from ._options import check_options, reject_unknown, resolve_tolerances
 from ._params import Lent, lend_model
 from ._report import ParameterResult, Report, _fmt, _num
 from ._state import preserved_global_state, reseed
@@ -50,7 +51,20 @@ from ._state import preserved_global_state, reseed
 __all__ = ["BatchReport", "verify_batch_independence"]
 
 _CALL = "verify_batch_independence(model, batch)"
-_OPTIONS = ("batch_dim", "forward", "samples", "dtype", "seed", "eps", "rtol", "atol", "progress")
+_OPTIONS = (
+    "batch_dim",
+    "forward",
+    "samples",
+    "dtype",
+    "seed",
+    "eps",
+    "rtol",
+    "atol",
+    "progress",
+    "mode",
+    "budget",
+    "engine",
+)
 ALL_SAMPLES = 16  # batches up to this size: every output sample is checked
 SAMPLED = 8  # larger batches: this many random output samples
 AUTOGRAD_FLOOR = 1e3  # autograd dependence below this many unit roundoffs of the row's gradient is rounding
@@ -144,11 +158,38 @@ def _call_model(model: Any, batch: Any) -> Any:
     return model(batch)
 
 
+def _positional(model: nn.Module) -> float:
+    """How many positional arguments ``model.forward`` takes (inf with ``*args``; inf if unknown)."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return math.inf
+    kinds = [p.kind for p in params]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        return math.inf
+    return sum(k in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD) for k in kinds)
+
+
+def model_inputs(model: nn.Module, batch: Any) -> tuple[Any, str]:
+    """The part of `batch` the model is called with, and a note if a target was left out.
+
+    A tuple/list is the model's positional arguments, unless the model takes fewer and it is
+    ``(inputs, target)``, the batch `verify_module` takes: then the model gets ``inputs`` alone.
+    """
+    if isinstance(batch, (tuple, list)) and not hasattr(batch, "_fields") and len(batch) == 2:
+        if _positional(model) < 2:
+            note = "the batch is (inputs, target), as for verify_module: the model was called with the inputs alone"
+            return batch[0], note
+    return batch, ""
+
+
 def _validate(model: Any, batch: Any, batch_dim: Any, forward: Any, samples: Any) -> None:
     if not isinstance(model, nn.Module):
         raise InvalidArgumentTypeError(
             f"{_CALL}: expected a torch.nn.Module but got model={model!r} (type={type(model).__name__})."
         )
+    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
+        raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
     if forward is not None and not callable(forward):
         raise InvalidArgumentTypeError(
             f"{_CALL}: forward= must be a callable (model, batch) -> output, got {forward!r}."
@@ -283,6 +324,9 @@ def verify_batch_independence(
     rtol: float | None = None,
     atol: float = 0.0,
     progress: bool | None = None,
+    mode: str = "auto",
+    budget: float = 3.0,
+    engine: str = "auto",
     **unknown: Any,
 ) -> Report:
     """Check that output sample i of `model` depends on input sample i only (no leak across the batch).
@@ -291,8 +335,10 @@ def verify_batch_independence(
         model: the module. It runs as it is (train or eval mode): train-mode BatchNorm mixes samples
             by design and fails, with a hint to check in eval mode.
         batch: the model's input: a Tensor (``model(batch)``), a tuple/list (``model(*batch)``) or a
-            dict (``model(**batch)``). Its floating tensors with the batch size at `batch_dim` are
-            perturbed; other tensors (masks, token ids, shared tensors) are passed as they are.
+            dict (``model(**batch)``). The batch of `verify_module` works too: ``(inputs, target)``
+            for a model that takes one argument calls ``model(inputs)`` (noted). Its floating tensors
+            with the batch size at `batch_dim` are perturbed; other tensors (masks, token ids, shared
+            tensors) are passed as they are.
         batch_dim: the batch dimension of the inputs and outputs (negative counts from the end).
         forward: instead, ``forward(model, batch) -> output`` (any nesting of tensors).
         samples: how many output samples to check (an int, drawn at random with `seed`), or which
@@ -300,7 +346,8 @@ def verify_batch_independence(
         dtype: checking precision (float64); None keeps the model's own dtype.
         seed: seeds the RNG before every forward (dropout masks agree) and the random directions.
         eps, rtol, atol: step and tolerance floors, as in `verify_module`.
-        progress: accepted for symmetry with `verify_module` (this check is short; no bar is shown).
+        progress, mode, budget, engine: the options every ``verify_*`` shares, validated the same way;
+            this check always takes the same few forwards per sample (a loop, no progress bar).
 
     Returns:
         A `Report` (a `BatchReport`): one row per checked output sample, ``leaks`` (which input
@@ -314,16 +361,17 @@ def verify_batch_independence(
     start = time.perf_counter()
     reject_unknown("verify_batch_independence", unknown, _OPTIONS)
     _validate(model, batch, batch_dim, forward, samples)
-    validate_common("verify_batch_independence", eps=eps, rtol=rtol, atol=atol, dtype=dtype, seed=seed, engine="auto")
-    if progress is not None and not isinstance(progress, bool):
-        raise InvalidArgumentTypeError(f"{_CALL}: progress= must be True, False or None, got {progress!r}.")
-    if any(isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters()):
-        raise InvalidArgumentError(f"{_CALL}: the model has uninitialized (lazy) parameters; run one forward first.")
+    shared = {"dtype": dtype, "mode": mode, "budget": budget, "seed": seed, "eps": eps, "rtol": rtol}
+    check_options("verify_batch_independence", **shared, atol=atol, engine=engine, progress=progress)
     converted = _convert(batch, dtype)
     with preserved_global_state(), lend_model(model, dtype) as lent:
         if dtype == torch.float64:
             torch.set_default_dtype(torch.float64)
+        note = ""
+        if forward is None:
+            converted, note = model_inputs(model, converted)
         setup = _setup(lent, converted, batch_dim, forward or _call_model, seed)
+        setup.notes += [note] if note else []
         checked = _choose_samples(setup.size, samples, seed)
         eps_, rtol_ = resolve_tolerances(dtype or setup.leaves[0].dtype, eps, rtol)
         result = _run(setup, checked, eps_, rtol_, float(atol))

@@ -17,6 +17,14 @@ Elements over tolerance get a second look at ``+-2h`` (`_finite_diff.second_look
 * otherwise the Richardson value ``(4 D(h) - D(2h)) / 3`` replaces ``D(h)``, and the estimated
   truncation error ``|D(h) - D(2h)| / 3`` joins the tolerance. A real bug survives this; truncation
   error of a strongly curved but correct loss does not.
+* Where the loss is C1 but not C2 inside the step (``x*|x|`` at 0, ELU(1) at 0, ``special.i1e`` at 0,
+  Huber at its boundary), the second derivative jumps by some J and ``D(h)`` carries an O(h) error,
+  about ``J h / 4``. Then ``D(h) - D(2h)`` is linear in h, not quadratic: the Richardson step above
+  assumes h^2 and under-estimates the error by 2x. A third step tells them apart: the ratio
+  ``(D(2h) - D(4h)) / (D(h) - D(2h))`` is 4 for O(h^2) convergence and 2 for O(h). Where it is
+  nearer 2 (below `LINEAR_RATIO`), the linear extrapolation ``2 D(h) - D(2h)`` replaces ``D(h)``
+  (it removes the O(h) term) and ``|D(h) - D(2h)|``, the whole O(h) error of ``D(h)``, joins the
+  tolerance. A wrong slope of 2 % at such a point is still 1e4 times over it.
 
 The relative error ``||a - n|| / (||a|| + ||n||)`` is computed and reported, never used to decide:
 over N elements it dilutes a one-element bug by about ``1/sqrt(N)``.
@@ -45,6 +53,11 @@ __all__ = [
 NOISE_SIGMAS = 10.0  # the noise term sits this many standard deviations out
 KINK_SIGMAS = 10.0  # a quartic misfit this far above noise is a kink ...
 KINK_SHARE = 0.05  # ... if it also explains at least this share of the disagreement
+# (D(2h) - D(4h)) / (D(h) - D(2h)) is 4 for O(h^2) and 2 for O(h) convergence; below the geometric
+# middle (2.83) it is taken as O(h) (a C1-but-not-C2 point). Above LINEAR_RATIO_MIN too: a ratio near 1
+# or negative is noise, not convergence.
+LINEAR_RATIO = 2.0**1.5
+LINEAR_RATIO_MIN = 1.25
 
 
 @dataclass(frozen=True)
@@ -104,17 +117,28 @@ def judge_second_look(
     *,
     rtol_scale: torch.Tensor | None = None,
     atol_scale: torch.Tensor | None = None,
+    wider: torch.Tensor | None = None,
 ) -> Judgement:
     """Refine and re-judge the elements that failed the first pass (all arguments restricted to them).
 
     THE second look, for elements, directions and function rows alike. ``values`` are the five
-    losses at ``-2h..2h``, ``wide`` the difference with step ``2h``. The rtol term scales with
-    ``|refined|`` unless `rtol_scale` is given (a probe: ``||g|| ||D||``); the atol term is `atol`
-    times `atol_scale` when given (a probe: ``sum |D|``).
+    losses at ``-2h..2h``, ``wide`` the difference with step ``2h``, ``wider`` (when evaluated) the one
+    with step ``4h``: it tells O(h) from O(h^2) convergence (C1-but-not-C2 points, module docstring);
+    without it the convergence is taken as quadratic. The rtol term scales with ``|refined|`` unless
+    `rtol_scale` is given (a probe: ``||g|| ||D||``); the atol term is `atol` times `atol_scale` when
+    given (a probe: ``sum |D|``).
     """
     refined = (4.0 * first_derivative - wide) / 3.0
     truncation = (first_derivative - wide).abs() / 3.0
     noise = 1.5 * NOISE_SIGMAS * math.sqrt(2.0) * sigma / span
+    if wider is not None:
+        near, far = first_derivative - wide, wide - wider
+        ratio = far / torch.where(near == 0, torch.ones_like(near), near)
+        linear = (near.abs() > noise) & (ratio > LINEAR_RATIO_MIN) & (ratio < LINEAR_RATIO)
+        # 2 D(h) - D(2h) carries sqrt(4 + 1/4) ~ 2.1x the noise of D(h); 1.5 x 2 keeps the margin above.
+        refined = torch.where(linear, 2.0 * first_derivative - wide, refined)
+        truncation = torch.where(linear, near.abs(), truncation)
+        noise = torch.where(linear, 2.0 * noise, noise)
     relative = refined.abs() if rtol_scale is None else rtol_scale
     absolute = atol if atol_scale is None else atol * atol_scale
     tolerance = absolute + rtol * relative + noise + truncation

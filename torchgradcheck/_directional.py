@@ -47,7 +47,7 @@ def random_directions(
     """``count`` perturbations of `target` (rows), nonzero only on `support` (flat indices; default all)."""
     base = target.flat
     n = base.numel()
-    support = torch.arange(n, device=base.device) if support is None else support
+    support = target.checkable if support is None else support
     m = support.numel()
     signs = torch.randint(0, 2, (count, m), generator=generator).to(base.device, torch.float64) * 2 - 1
     steps = eps * base[support].to(torch.float64).abs().clamp(min=1.0) / math.sqrt(max(m, 1))
@@ -141,8 +141,7 @@ def narrow(
     directions: int = 2,
 ) -> torch.Tensor:
     """Flat indices of suspects: bisect with probes restricted to halves, keep the failing halves."""
-    n = target.flat.numel()
-    groups = [torch.arange(n, device=target.flat.device)]
+    groups = [target.checkable]
     suspects: list[torch.Tensor] = []
     while groups:
         if len(groups) > MAX_BRANCHES:  # widespread: every group fails; elements sampled from them will too

@@ -57,22 +57,27 @@ def first_pass(engine: Engine, target: Target, index: torch.Tensor, eps: float) 
 
 @dataclass
 class SecondLook:
-    """Five points per element at about -2h, -h, 0, h, 2h, plus the step-2h difference."""
+    """Five points per element at about -2h, -h, 0, h, 2h, plus the step-2h and step-4h differences."""
 
     values: torch.Tensor  # (k, 5) losses
     wide: torch.Tensor  # central difference with step 2h
+    wider: torch.Tensor | None = None  # central difference with step 4h (tells O(h) from O(h^2) convergence)
 
 
 def second_look(
     engine: Engine, target: Target, first: FirstPass, where: torch.Tensor, loss0: torch.Tensor
 ) -> SecondLook:
-    """Evaluate ``t +- 2h`` for the elements ``first.index[where]``."""
+    """Evaluate ``t +- 2h`` and ``t +- 4h`` for the elements ``first.index[where]``."""
     index = first.index[where]
     base = target.flat[index]
     up2, down2 = _points(base, 2 * first.h[where])
     span2 = up2.to(torch.float64) - down2.to(torch.float64)
     plus2 = engine.losses(target, index, up2)
     minus2 = engine.losses(target, index, down2)
+    up4, down4 = _points(base, 4 * first.h[where])
+    span4 = up4.to(torch.float64) - down4.to(torch.float64)
+    plus4 = engine.losses(target, index, up4)
+    minus4 = engine.losses(target, index, down4)
     center = loss0.to(torch.float64).expand(len(index))
     values = torch.stack([minus2, first.minus[where], center, first.plus[where], plus2], dim=1)
-    return SecondLook(values=values, wide=(plus2 - minus2) / span2)
+    return SecondLook(values=values, wide=(plus2 - minus2) / span2, wider=(plus4 - minus4) / span4)

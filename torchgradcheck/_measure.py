@@ -25,6 +25,9 @@ __all__ = ["Settings", "TensorCheck", "measure", "noise_level", "summarise"]
 
 WORST_SHOWN = 5
 INCONCLUSIVE_SHARE = 0.5  # more than this share of elements at kinks: no verdict for the tensor
+# Power: a tensor is "ok" only if a backward wrong by 1/POWER (10 %) would have failed in at least one
+# of its elements, i.e. max |numerical| / tol >= POWER; otherwise it is "weak" (README, "Power").
+POWER = 10.0
 
 
 @dataclass(frozen=True)
@@ -73,9 +76,9 @@ def measure(
     """
     if sigma is None:
         sigma = noise_level(engine, target, loss0, floor, generator)
-    full = index is None
+    full = index is None and target.skip is None
     if index is None:
-        index = torch.arange(target.tensor.numel(), device=target.tensor.device)
+        index = target.checkable
     a = analytical[index]
     first = first_pass(engine, target, index, settings.eps)
     numerical = first.derivative
@@ -93,6 +96,7 @@ def measure(
             sigma,
             settings.rtol,
             settings.atol,
+            wider=extra.wider,
         )
 
     judged = refine_failures(a, numerical, tolerance, look, agree)
@@ -142,6 +146,11 @@ def summarise(
     rel = relative_error(a[judged], n[judged])
     quiet = bool((a.abs() <= tol).all()) and bool((n.abs() <= tol).all())
     status, note = _status(has_grad, failed, extra_failure, judged.numel(), len(kink_index), quiet)
+    power = power_of(n, tol, judged)
+    if status == "ok" and power < POWER:
+        status, note = "weak", _weak_note(power)
+    if target.skip_note:
+        note = f"{note}; {target.skip_note}" if note else target.skip_note
     return TensorResult(
         name=target.name,
         shape=shape,
@@ -157,6 +166,7 @@ def summarise(
         note=note,
         coverage=coverage,
         norms=(float(a[judged].norm()), float(n[judged].norm())),
+        power=power if bool(judged.any()) else None,
         errors=_element_errors(err, tol, kink, check.index, target.tensor.numel()),
     )
 
@@ -175,6 +185,23 @@ def _status(has_grad: bool, failed: int, extra_failure: str, judged: int, kinks:
     if judged and kinks > INCONCLUSIVE_SHARE * judged:
         return "inconclusive", f"{kinks} of {judged} elements sit at kinks; too few left to judge this tensor"
     return ("zero" if quiet else "ok"), ""
+
+
+def power_of(n: torch.Tensor, tol: torch.Tensor, judged: torch.Tensor) -> float:
+    """``max |numerical| / tol`` over the judged elements (0 if none).
+
+    A backward wrong by more than ``1 / power`` (uniformly) fails in at least one element.
+    """
+    if not bool(judged.any()):
+        return 0.0
+    return float((n.abs() / tol.clamp(min=torch.finfo(torch.float64).tiny))[judged].max())
+
+
+def _weak_note(power: float) -> str:
+    return (
+        f"weak: the tolerance is not small next to the gradient (largest |numerical| / tol = {power:.2g}, "
+        f"below {POWER:g}): only a backward more than {1 / max(power, 1e-300):.0%} wrong could fail here"
+    )
 
 
 KEEP_ELEMENTS = 1_000_000  # per-element errors are kept for pictures only up to this many elements (8 MB)

@@ -85,9 +85,11 @@ def plan(jobs: Sequence[TensorJob], mode: str, budget: float) -> None:
 
 def _sample(job: TensorJob, generator: torch.Generator) -> torch.Tensor:
     """The `TOP_GRADIENTS` elements with the largest |g|, then random ones, `SAMPLED` in all."""
-    n = job.numel
-    chosen = dict.fromkeys(torch.topk(job.analytical.abs(), min(TOP_GRADIENTS, n)).indices.tolist())
-    for i in torch.randperm(n, generator=generator)[: SAMPLED + TOP_GRADIENTS].tolist():
+    allowed = job.target.checkable
+    n = allowed.numel()
+    top = torch.topk(job.analytical[allowed].abs(), min(TOP_GRADIENTS, n)).indices
+    chosen = dict.fromkeys(allowed[top].tolist())
+    for i in allowed[torch.randperm(n, generator=generator)[: SAMPLED + TOP_GRADIENTS].to(allowed.device)].tolist():
         if len(chosen) >= min(SAMPLED, n):
             break
         chosen.setdefault(i)
@@ -127,7 +129,7 @@ def check_tensor(
     else:
         empty = torch.zeros(0, dtype=torch.float64, device=job.target.tensor.device)
         check = TensorCheck(empty, empty, empty, empty.bool(), job.sigma, index=index)
-    text = "full" if index.numel() == job.numel else " + ".join(coverage) + f" / {job.numel:,}"
+    text = "full" if index.numel() == job.target.checkable.numel() else " + ".join(coverage) + f" / {job.numel:,}"
     result = summarise(job.target, check, job.has_grad, coverage=text, extra_failure=extra)
     if result.failed and extra and job.has_grad:  # the elements carry the evidence; the probe note is redundant
         result = replace(result, note="")

@@ -34,10 +34,20 @@ class Target:
     tensor: torch.Tensor  # the private working copy; contiguous, in the checking dtype
     kind: str = "parameter"  # "parameter" | "input"
     param: torch.Tensor | None = None  # the user's Parameter (or our input leaf) that receives .grad
+    # Elements never perturbed nor judged (flat bool mask; None: none), and why, for the report:
+    # non-finite values (NaN/Inf inputs, as nansum expects) and rows torch zeroes by design (padding_idx).
+    skip: torch.Tensor | None = None
+    skip_note: str = ""
 
     @property
     def flat(self) -> torch.Tensor:
         return self.tensor.view(-1)
+
+    @property
+    def checkable(self) -> torch.Tensor:
+        """Flat indices of the elements that may be perturbed (all but `skip`)."""
+        every = torch.arange(self.tensor.numel(), device=self.tensor.device)
+        return every if self.skip is None else every[~self.skip.view(-1)]
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -23,6 +23,15 @@ This usually means one of:
   3. the loss is computed differently with and without autograd (e.g. branches on requires_grad).
 Elements at kinks (relu/abs/max at 0) are listed as "not differentiable here", never as failures."""
 
+_NO_POWER = """Nothing was tested with power: every tolerance (set by the measured noise of the loss) is large next to
+its gradient, or both sides are zero, so a wrong backward could not have failed. This usually means one of:
+  1. the forward is nondeterministic beyond torch's RNG (Python's random, numpy, atomics): seed that
+     source inside the forward, or make it deterministic;
+  2. the loss sits at the noise floor (e.g. the mean of squares right after a LayerNorm): check a loss
+     that depends on the parameters (an MSE against a target);
+  3. the gradients are exactly zero at this point (e.g. a LoRA B initialised to zero): check after a few
+     optimiser steps."""
+
 
 def _fmt(x: float | None, spec: str = ".2e") -> str:
     if x is None:
@@ -82,6 +91,9 @@ class TensorResult:
     note: str = ""
     coverage: str = "full"  # "full", or what a cheap mode covered (e.g. "16 directions + 32 elements")
     norms: tuple[float, float] | None = None  # (||a||, ||n||) over the checked elements
+    # max |numerical| / tol over the checked elements: a backward wrong by more than 1/power (uniformly)
+    # fails in at least one of them; "ok" needs power >= 10 (else "weak"). None: nothing compared.
+    power: float | None = None
     # Every element's |a - n| and tolerance, for `Report.plot`; None for large tensors. Not in to_dict/str.
     errors: ElementErrors | None = field(default=None, repr=False, compare=False)
 
@@ -117,7 +129,13 @@ class Report:
 
     @property
     def passed(self) -> bool:
-        return all(r.passed for r in self.results)
+        """Every tensor passed, and at least one was tested with power (status "ok")."""
+        return all(r.passed for r in self.results) and self.powered
+
+    @property
+    def powered(self) -> bool:
+        """Whether anything could have failed: a tensor "ok", or a finding (a failing tensor)."""
+        return any(r.status == "ok" or not r.passed for r in self.results)
 
     @property
     def failures(self) -> tuple[TensorResult, ...]:
@@ -179,6 +197,12 @@ class Report:
                 more = f" (+{len(self.warnings) - 1} more)" if len(self.warnings) > 1 else ""
                 ok = ok.replace(": OK,", f": OK — WARNING: {self.warnings[0]}{more};", 1)
             return ok
+        if not self.powered:
+            counts: dict[str, int] = {}
+            for r in tensors:
+                counts[r.status] = counts.get(r.status, 0) + 1
+            summary = ", ".join(f"{k} {v}" for k, v in counts.items()) or "no tensors"
+            return f"{self.call}: NOT PASSED, nothing was tested with power ({checked:,} elements compared; {summary})"
         statuses = {r.status for r in self.failures}
         if statuses <= {"does not accumulate", "backward not repeatable"}:  # the values agree; the sum does not
             return (
@@ -256,7 +280,7 @@ class Report:
             f"Checked with: {opts} engine={self.engine}; {self.evaluations:,} evaluations in {self.seconds:.2f} s"
         )
         if not self.passed:
-            parts.append(_CAUSES)
+            parts.append(_CAUSES if self.powered else _NO_POWER)
         return "\n".join(parts)
 
     def plot(self, path: str | os.PathLike[str] | None = None, *, max_heatmaps: int = 3) -> Any:

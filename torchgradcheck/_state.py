@@ -12,6 +12,8 @@ from collections.abc import Iterator
 
 import torch
 
+from ._hygiene import tf32_off, warm_up_machinery
+
 __all__ = ["preserved_global_state", "reseed"]
 
 
@@ -22,16 +24,14 @@ def preserved_global_state() -> Iterator[None]:
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
     default_dtype = torch.get_default_dtype()
     grad_enabled = torch.is_grad_enabled()
-    # TF32 rounds float32 matmuls to a 10-bit mantissa on recent GPUs: off while checking (it only
-    # affects CUDA float32, i.e. dtype=None checks), back on afterwards if the user had it on.
-    tf32 = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    warm_up_machinery()  # torch's first-use warnings, silenced once (see `_hygiene`)
     try:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        # TF32 rounds float32 matmuls to a 10-bit mantissa on recent GPUs: off while checking, through
+        # context managers only (legal after torch.backends.disable_global_flags()); see `_hygiene`.
         # Under torch.inference_mode() nothing could be recorded for the backward pass; leave it for the check.
-        with torch.inference_mode(False):
+        with tf32_off(), torch.inference_mode(False):
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         torch.set_rng_state(cpu_rng)
         if cuda_rng is not None:
             torch.cuda.set_rng_state_all(cuda_rng)

@@ -16,6 +16,7 @@ uses yours instead.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +30,7 @@ from ._state import reseed
 __all__ = ["take_steps"]
 
 HALVINGS = 40  # at most this many halvings of the learning rate before giving up on a descent step
+RESTARTS = 5  # at most this many restarts with lr / 4 when the k steps end above the initial loss
 
 
 def _loss_and_grad(lent: Lent, objective: Objective, params: list[torch.nn.Parameter], seed: int) -> float:
@@ -103,28 +105,38 @@ def _user_steps(
 def _sgd_steps(
     lent: Lent, objective: Objective, params: list[torch.nn.Parameter], steps: int, seed: int
 ) -> tuple[float, float, float]:
+    """SGD from the initial point; the learning rate is halved until the first step lowers the loss,
+    and quartered (restarting from the initial point) while `steps` steps end higher than they began."""
     loss0 = _loss_and_grad(lent, objective, params, seed)
     grads = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in params]
     norm2 = float(sum((g.to(torch.float64) ** 2).sum() for g in grads))
-    if norm2 == 0.0:
-        return loss0, loss0, 0.0
-    lr = 0.1 * max(abs(loss0), 1e-12) / norm2
     start = [p.detach().clone() for p in params]
+    lr = 0.1 * max(abs(loss0), 1e-12) / norm2 if norm2 > 0 else 0.0
+    for _ in range(HALVINGS if lr > 0 else 0):
+        _set(params, start, grads, lr)
+        if _loss(lent, objective, seed) < loss0:
+            break
+        lr /= 2
+    else:
+        _set(params, start, grads, 0.0)
+        return loss0, loss0, 0.0
+    for _ in range(RESTARTS):
+        _set(params, start, grads, lr)
+        for _ in range(steps - 1):
+            _loss_and_grad(lent, objective, params, seed)
+            with torch.no_grad():
+                for p in params:
+                    if p.grad is not None:
+                        p.sub_(p.grad, alpha=lr)
+        last = _loss(lent, objective, seed)
+        if math.isfinite(last) and last < loss0:
+            break
+        lr /= 4
+    return loss0, last, lr
+
+
+def _set(params: list[torch.nn.Parameter], start: list[torch.Tensor], grads: list[torch.Tensor], lr: float) -> None:
+    """Parameters at ``start - lr * grads`` (one SGD step from the initial point)."""
     with torch.no_grad():
-        for _ in range(HALVINGS):
-            for p, s, g in zip(params, start, grads):
-                p.copy_(s - lr * g)
-            if _loss(lent, objective, seed) < loss0:
-                break
-            lr /= 2
-        else:
-            for p, s in zip(params, start):
-                p.copy_(s)
-            return loss0, loss0, 0.0
-    for _ in range(steps - 1):
-        _loss_and_grad(lent, objective, params, seed)
-        with torch.no_grad():
-            for p in params:
-                if p.grad is not None:
-                    p.sub_(p.grad, alpha=lr)
-    return loss0, _loss(lent, objective, seed), lr
+        for p, s, g in zip(params, start, grads):
+            p.copy_(s - lr * g)

@@ -17,6 +17,7 @@ Status = Literal[
     "unused",  # .grad is None and the loss does not depend on the tensor
     "skipped",  # not checked (frozen, filtered by params=, or the check could not run)
     "inconclusive",  # too many elements at kinks to judge
+    "weak",  # within tolerance, but the tolerance is not small next to the gradient (no power)
     "mismatch",  # elements over tolerance
     "no gradient",  # .grad is None but the loss depends on the tensor
     "diverged",  # a replicated tensor's gradient differs across ranks
@@ -26,12 +27,14 @@ Status = Literal[
     "wrong shape",  # ... of the wrong shape
     "wrong device",  # ... on the wrong device
     "does not accumulate",  # .grad after two backward passes equals .grad after one (something assigns .grad)
-    "backward not repeatable",  # a second backward through the same graph adds a different gradient
+    "backward not repeatable",  # a second backward through the same graph gives a different gradient
     "leaks",  # verify_batch_independence: this output sample depends on other input samples
+    "unavailable",  # a derivative the check needs can't be computed (e.g. no double backward)
+    "warning",  # an extra check (second order) failed, reported as a warning: the verdict stands
 ]
 STATUSES: tuple[str, ...] = get_args(Status)
 # Statuses that pass; every other status fails the check.
-PASSING: tuple[str, ...] = ("ok", "zero", "unused", "skipped", "inconclusive")
+PASSING: tuple[str, ...] = ("ok", "zero", "unused", "skipped", "inconclusive", "weak", "warning")
 
 Mode = Literal["auto", "full", "directional", "sampled"]
 MODES: tuple[str, ...] = get_args(Mode)

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 from ._batch import Objective, input_targets
-from ._check import Checked, check_module_call, check_targets, prepare
+from ._check import Checked, check_module_call, check_targets, power_warnings, prepare
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
-from ._hessian import check_second_order
+from ._hessian import check_input_second_order, check_second_order
 from ._noise import NOISE_POINTS
 from ._options import CheckOptions, check_options, reject_unknown, validate_patterns
 from ._params import Lent, Target, lend_model
@@ -28,8 +28,9 @@ __all__ = ["verify_module"]
 
 _CALL = "verify_module(model, loss_fn, batch)"
 _DOUBLE_BACKWARD_HINT = (
-    "the loss differentiates inside, so its gradient runs through the double backward of the model's "
-    "custom Functions: check them with verify_function(fn, x, second_order=True)"
+    "the loss differentiates inside, so its value and gradient run through the double backward of the "
+    "model's custom Functions (rows 'model input[k] (Hv)' check the model's own second derivatives): "
+    "check each Function with verify_function(fn, x, second_order=True)"
 )
 _OPTIONS = (
     "forward",
@@ -145,11 +146,12 @@ def verify_module(
     extras = _extras(accumulation, after_steps, optimizer, second_order)
     with preserved_global_state(), lend_model(model, dtype) as lent:
         report = _run(lent, objective, checked, skipped, inputs, options, start, extras)
-        if after_steps and (localise or (localise is None and not report.passed)):
+        if after_steps and (localise or (localise is None and not report.passed and report.powered)):
             # localise at the stepped point, where the bug showed: the lent model holds the stepped copies
             report = _localised(report, lent.model, loss_fn, batch, forward, dtype, seed, engine, inputs, start)
             localise = False
-    if localise or (localise is None and not report.passed):
+    # Nothing to localise when nothing was tested with power (no finding, only "no verdict").
+    if localise or (localise is None and not report.passed and report.powered):
         report = _localised(report, model, loss_fn, batch, forward, dtype, seed, engine, inputs, start)
     return report
 
@@ -217,6 +219,19 @@ def _extras(accumulation: Any, after_steps: Any, optimizer: Any, second_order: A
     return _Extras(accumulation, after_steps, optimizer, second_order)
 
 
+def _second_order_rows(
+    lent: Lent, objective: Objective, targets: list[Target], options: CheckOptions, wanted: bool
+) -> tuple[list[TensorResult], int]:
+    """Hessian-vector rows: of the parameters if `wanted`; of the model's input when the loss differentiates
+    inside (its value then rests on the model's double backward, which its first-order check can't see)."""
+    opts = (options.seed, float(options.eps), float(options.rtol), options.atol)
+    rows, evaluations = check_second_order(lent, objective, targets, *opts) if wanted else ([], 0)
+    if objective.needs_grad:
+        inner, more = check_input_second_order(lent, objective, *opts)
+        rows, evaluations = rows + inner, evaluations + more
+    return rows, evaluations
+
+
 def _run(
     lent: Lent,
     objective: Objective,
@@ -244,13 +259,7 @@ def _run(
         found: Checked = check_targets(
             lent, objective, targets, options, bar.update, call=_CALL, grow=bar.grow, accumulation=extras.accumulation
         )
-        second, evaluations = (
-            check_second_order(
-                lent, objective, targets, options.seed, float(options.eps), float(options.rtol), options.atol
-            )
-            if extras.second_order
-            else ([], 0)
-        )
+        second, evaluations = _second_order_rows(lent, objective, targets, options, extras.second_order)
     table = dict(lent.model.named_parameters(remove_duplicate=False))
     results = (
         found.results
@@ -270,5 +279,5 @@ def _run(
         seconds=time.perf_counter() - start,
         engine=found.engine,
         notes=tuple(notes),
-        warnings=(warning,) if warning else (),
+        warnings=((warning,) if warning else ()) + tuple(power_warnings(found.results)),
     )

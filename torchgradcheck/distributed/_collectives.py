@@ -76,14 +76,21 @@ def same_bound(values: torch.Tensor, dtype: torch.dtype) -> float:
     return SAME_ULPS * unit_roundoff(dtype) * scale
 
 
-def agree_on_errors(message: str | None, group: Any) -> None:
-    """Collective: if any rank has an error message, raise it on every rank (rank named)."""
+def agree_on_errors(message: str | None, group: Any, error: BaseException | None = None) -> None:
+    """Collective: if any rank failed, every rank raises.
+
+    A rank that failed raises its own exception `error` unchanged (the model's RuntimeError stays a
+    RuntimeError, as in `verify_module`); the others raise `RankError` naming the first failing rank
+    and its `message`, so that no rank is left waiting in a collective.
+    """
     _, size = rank_and_size(group)
     flag = reduced(torch.tensor([0.0 if message is None else 1.0]), dist.ReduceOp.MAX, group)
     if float(flag[0]) == 0.0:
         return
     messages: list[Any] = [None] * size
     dist.all_gather_object(messages, message, group=group)
+    if error is not None:
+        raise error
     first = next((r, m) for r, m in enumerate(messages) if m is not None)
     raise RankError(f"{CALL}: on rank {first[0]}: {first[1]}")
 

@@ -265,7 +265,7 @@ def run_lockstep(
     state = _Lockstep(engine, loss0, nondet, settings, seed, group)
     for k, t in enumerate(targets):
         state.check(k, t, grads[t.name], where[t.name] == "replicated", t.name in dtensors)
-    agree_on_errors(state.message, group)
+    agree_on_errors(state.message, group, state.error)
     _check_drift(engine, targets, group)
     return _gather(state, targets, where, group), engine.evaluations, state.overall()
 
@@ -339,6 +339,7 @@ class _Lockstep:
         self.gaps: list[tuple[float, float]] = []  # replicated: spread of the gradient across ranks, its bound
         self.sums = torch.zeros(3, dtype=torch.float64)  # ||a - n||^2, ||a||^2, ||n||^2 of what this rank reports
         self.message: str | None = None
+        self.error: BaseException | None = None  # this rank's own exception, re-raised as it is
         self.blocks: dict[str, Any] = {}  # sharded DTensors: this rank's block (`_dtensor.shard_block`)
 
     def check(self, k: int, t: Target, g: torch.Tensor | None, replicated: bool, dtensor: bool = False) -> None:
@@ -379,7 +380,8 @@ class _Lockstep:
                 if t.tensor.numel():  # an FSDP2 shard can be empty on the last ranks
                     check = measure(engine, t, a, self.loss0, self.nondet, self.settings, generator)
             except Exception as exc:  # agreed on after the loop; the followers are released first
-                self.message = self.message or f"{t.name}: {type(exc).__name__}: {exc}"
+                if self.message is None:
+                    self.message, self.error = f"{t.name}: {type(exc).__name__}: {exc}", exc
             finally:
                 engine.finish()
         engine.owner = None

@@ -46,13 +46,13 @@ def run_split(
     theirs = _rank0_values(loss0, grads, targets, group)
     loss0 = theirs[0].to(loss0.device)
     loop = LoopEngine(lent, objective, seed, tick)
-    message, engine_used, local = None, "loop", []
+    message, error, engine_used, local = None, None, "loop", []
     try:
         local = _my_slices(loop, targets, theirs, loss0, settings, seed, engine_name, group, notes)
         engine_used = local.pop()
     except Exception as exc:  # agreed on below: a rank that stops early must not leave the others waiting
-        message = f"{type(exc).__name__}: {exc}"
-    agree_on_errors(message, group)
+        message, error = f"{type(exc).__name__}: {exc}", exc
+    agree_on_errors(message, group, error)
     gathered = all_gather_padded(torch.cat(local), group)
     has_grad = [grads[t.name] is not None for t in targets]
     results, overall = _assemble(gathered, targets, theirs, has_grad, group)

@@ -62,6 +62,7 @@ class Extras:
     generator: torch.Generator
     several: bool  # fn returns several outputs (names say "output k")
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # full sentences for `Report.warnings`
     evaluations: int = 0
 
     def pair(self, k: int, name: str) -> str:
@@ -149,23 +150,40 @@ def spy_backward(
     """
     by_leaf = {id(leaf): key for key, leaf in leaves.items()}
     for node in _custom_nodes(outputs):
-        edges: dict[int, tuple[str, str, Any]] = {}
+        edges: dict[int, tuple[str, str, Any]] = {}  # keyed by the position in what backward returns
         fname = node._forward_cls.__name__
+        arg_of = _argument_positions(node)
         for pos, (nxt, nr) in enumerate(node.next_functions):
-            if nxt is None:
+            if nxt is None or pos not in arg_of:
                 continue
+            arg = arg_of[pos]
             var = getattr(nxt, "variable", None)
             if var is not None and id(var) in by_leaf:
                 key = by_leaf[id(var)]
-                edges[pos] = (key, names[key], var)
+                edges[arg] = (key, names[key], var)
                 continue
             try:  # private, so optional: the shape/dtype/device autograd expects for this edge
                 meta = nxt._input_metadata[nr]
             except (AttributeError, IndexError, TypeError):
                 continue
-            edges[pos] = (f"{fname}: input {pos}", f"input {pos} of {fname}", meta)
+            edges[arg] = (f"{fname}: input {arg}", f"input {arg} of {fname}", meta)
         if edges:
             node.apply = _spy(node, fname, edges, found)
+
+
+def _argument_positions(node: Any) -> dict[int, int]:
+    """Edge index (``next_functions``) -> position in the tuple ``backward`` returns.
+
+    ``backward`` returns one entry per argument of ``forward`` (``None`` for non-tensors), while
+    ``next_functions`` has one edge per tensor argument. ``needs_input_grad`` (one flag per argument)
+    says which arguments are tensors that require grad; those are, in order, the edges that have a
+    node. ``forward(ctx, dim, x, scale, w)``: edges 0, 1 -> positions 1, 3.
+    """
+    edges = [j for j, (nxt, _) in enumerate(node.next_functions) if nxt is not None]
+    args = [i for i, needs in enumerate(getattr(node, "needs_input_grad", None) or ()) if needs]
+    if len(edges) != len(args):  # not the layout described above: trust no mapping rather than a wrong one
+        return {}
+    return dict(zip(edges, args))
 
 
 def _spy(
@@ -222,7 +240,7 @@ def _own_jvp(fn: Any) -> bool:
 
 def direction(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """A random direction with components ``+-max(1, |x|)``: no element is invisible, steps stay relative."""
-    signs = torch.randint(0, 2, x.shape, generator=generator).to(x.device, DTYPE) * 2 - 1
+    signs = torch.randint(0, 2, x.shape, generator=generator).to(x.device, x.dtype) * 2 - 1
     return signs * x.abs().clamp(min=1.0)
 
 
@@ -256,9 +274,12 @@ def judge_directional(ex: Extras, problem: Directional) -> list[TensorResult]:
     noise = [at(j * noise_step) for j in range(-(NOISE_POINTS // 2), NOISE_POINTS // 2 + 1)]
     rows = []
     for key, a in problem.analytical.items():
-        sigma = torch.maximum(
-            noise_per_column(torch.stack([p[key] for p in noise])), unit_roundoff(DTYPE) * center[key].abs()
-        )
+        # Rounding floor: one unit roundoff of the tensor's largest element, not of each element. An
+        # element of a vector output shares intermediates with the others (1 - tanh(x)**2 is tiny
+        # at |x| = 9 but carries the rounding of 1), and ECNoise can't see noise that 9 tiny steps
+        # don't move: a per-element floor made correct second derivatives of tanh fail at 1e-12.
+        floor = unit_roundoff(center[key].dtype) * float(center[key].abs().max()) if center[key].numel() else 0.0
+        sigma = noise_per_column(torch.stack([p[key] for p in noise])).clamp(min=floor)
         span = torch.full_like(a, 2 * h)
         numerical = (steps[1][key] - steps[-1][key]) / span
         tol = first_tolerance(numerical, span, sigma, ex.settings.rtol, ex.settings.atol)  # type: ignore[arg-type]
@@ -302,50 +323,74 @@ def _second_look(
     return look
 
 
+def _tangents(
+    ex: Extras, base: dict[str, torch.Tensor], key: str, d: torch.Tensor
+) -> tuple[dict[int, torch.Tensor | None], dict[int, tuple[int, ...]]]:
+    """Forward-mode AD along `d` for input `key`: each checked output's tangent (None if absent)."""
+    with fwAD.dual_level(), torch.enable_grad():
+        ex.call.prepare(ex.seed)
+        outs = dict(float_outputs(ex.call.call_with({**base, key: fwAD.make_dual(base[key], d)})))
+        raw = {k: fwAD.unpack_dual(outs[k]).tangent for k in ex.cotangents}
+        tangents = {
+            k: None if t is None or t._is_zerotensor() else t.detach().to(DTYPE).reshape(-1).clone()
+            for k, t in raw.items()
+        }
+        return tangents, {k: tuple(outs[k].shape) for k in ex.cotangents}
+
+
+def _present(ex: Extras, s: Any, tangents: dict[int, torch.Tensor | None]) -> dict[int, torch.Tensor]:
+    """The tangents to compare. An absent one (None, or autograd's ZeroTensor) where the backward says
+    the output depends on the input means no forward-mode formula (a custom op without a jvp): noted,
+    never compared with a zero. Absent where the backward is zero too: nothing to compare."""
+    missing = []
+    for k, t in tangents.items():
+        g = ex.grads.get(k, {}).get(s.key)
+        if t is None and g is not None and bool((g != 0).any()):
+            missing.append(ex.output(k))
+    if missing:
+        ex.notes.append(
+            f"forward mode unavailable for {s.name}: forward-mode AD gives no tangent for {', '.join(missing)} "
+            "(no forward-mode formula registered, as for a custom op without a jvp); not compared"
+        )
+    return {k: t for k, t in tangents.items() if t is not None}
+
+
+def _jvp_raised(ex: Extras, s: Any, exc: BaseException) -> list[TensorResult]:
+    """Forward-mode AD raised: the Function's own jvp crashing is a finding; AD being absent is a note."""
+    first = (str(exc).splitlines() or [""])[0][:160]
+    if _own_jvp(ex.call.fn) and not isinstance(exc, NotImplementedError):
+        return [
+            TensorResult(
+                name=f"jvp: w.r.t. {s.name}",
+                shape=tuple(s.original.shape),
+                status="error",
+                kind="forward mode",
+                note=f"the jvp raised {type(exc).__name__}: {first}",
+            )
+        ]
+    ex.notes.append(f"forward mode unavailable for {s.name}: not compared ({type(exc).__name__}: {first})")
+    return []
+
+
 def check_forward_mode(ex: Extras) -> list[TensorResult]:
     """One row per (output, input): ``jvp`` along a random direction vs the numerical directional derivative."""
     call = ex.call
     missing = _defines_no_jvp(call.fn)
     if missing:
-        ex.notes.append(f"forward mode: not checked: {missing} defines no jvp")
+        ex.notes.append(f"forward mode unavailable: {missing} defines no jvp; not compared")
         return []
     base = {key: leaf.detach() for key, leaf in call.leaves().items()}
-    rows = []
+    rows: list[TensorResult] = []
     for s in call.slots:
         x = base[s.key]
         d = direction(x, ex.generator)
         try:
-            with fwAD.dual_level(), torch.enable_grad():
-                call.prepare(ex.seed)
-                outs = float_outputs(call.call_with({**base, s.key: fwAD.make_dual(x, d)}))
-                raw = {k: fwAD.unpack_dual(t).tangent for k, t in outs}
-                tangents = {
-                    k: (
-                        torch.zeros(t.numel(), dtype=DTYPE, device=t.device)
-                        if raw[k] is None
-                        else raw[k].detach().to(DTYPE).reshape(-1).clone()
-                    )
-                    for k, t in outs
-                }
-                shapes = {k: tuple(t.shape) for k, t in outs}
+            raw, shapes = _tangents(ex, base, s.key, d)
         except (NotImplementedError, RuntimeError) as exc:
-            first = (str(exc).splitlines() or [""])[0][:160]
-            if _own_jvp(call.fn) and not isinstance(exc, NotImplementedError):
-                # the Function's own jvp crashed: that is a finding, never "not available"
-                rows.append(
-                    TensorResult(
-                        name=f"jvp: w.r.t. {s.name}",
-                        shape=tuple(x.shape),
-                        status="error",
-                        kind="forward mode",
-                        note=f"the jvp raised {type(exc).__name__}: {first}",
-                    )
-                )
-                continue
-            ex.notes.append(
-                f"forward mode: not checked for {s.name}: forward-mode AD is not available "
-                f"({type(exc).__name__}: {first})"
-            )
+            rows += _jvp_raised(ex, s, exc)
+            continue
+        tangents = _present(ex, s, raw)
+        if not tangents:
             continue
 
         def at(
@@ -357,10 +402,10 @@ def check_forward_mode(ex: Extras) -> list[TensorResult]:
                 return {k: out[k].detach().to(DTYPE).reshape(-1) for k in keys}
 
         names = {k: f"jvp of {ex.output(k)} along {s.name}" for k in tangents}
-        rows += judge_directional(
-            ex, Directional(at, tangents, dict.fromkeys(tangents, True), names, shapes, "forward mode")
-        )
-    ex.notes.append("forward mode: jvp checked against directional finite differences")
+        problem = Directional(at, tangents, dict.fromkeys(tangents, True), names, shapes, "forward mode")
+        rows += judge_directional(ex, problem)
+    if rows:
+        ex.notes.append("forward mode: jvp checked against directional finite differences")
     return rows
 
 
@@ -383,6 +428,44 @@ def noncontiguous_copy(t: torch.Tensor) -> torch.Tensor | None:
     return out.detach().requires_grad_(True)
 
 
+def _layout_problem(ex: Extras, values: dict[str, torch.Tensor], names: str) -> str | None:
+    """Why a backward on these non-contiguous inputs can't be judged against the first run, or None.
+
+    Two legal reasons: the forward itself rejects the layout (``.view`` on a transposed tensor: its
+    contract, not a gradient bug), or its value depends on the layout (``as_strided``, ``rand_like``
+    noise laid out like the input): the rerun is then a different function, whose differences were
+    not taken. Such a check is skipped with this reason as its note.
+    """
+    call = ex.call
+    try:
+        moved = _plain_outputs(ex, {k: v.detach() for k, v in values.items()})
+    except Exception as exc:  # the forward's own refusal of the layout
+        first = (str(exc).splitlines() or [""])[0][:160]
+        return (
+            f"fn requires contiguous inputs (its forward raised {type(exc).__name__} with transposed/strided "
+            f"copies of {names}: {first})"
+        )
+    same = _plain_outputs(ex, {k: v.detach() for k, v in call.leaves().items()})
+    for k in ex.cotangents:
+        a, b = moved.get(k), same.get(k)
+        if a is None or b is None or a.shape != b.shape:
+            return f"with transposed/strided copies of {names}, fn returns other outputs"
+        diff = float((a - b).abs().max()) if a.numel() else 0.0
+        scale = max(float(a.abs().max()), float(b.abs().max())) if a.numel() else 0.0
+        if diff > math.sqrt(unit_roundoff(b.dtype)) * scale:
+            return (
+                f"fn's value depends on the memory layout of its inputs (with transposed/strided copies of "
+                f"{names}, {ex.output(k)} differs by {diff:.1e}): its gradients there are another function's"
+            )
+    return None
+
+
+def _plain_outputs(ex: Extras, values: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:
+    with torch.no_grad():
+        ex.call.prepare(ex.seed)
+        return {k: t.detach() for k, t in float_outputs(ex.call.call_with(values)) if k in ex.cotangents}
+
+
 def check_noncontiguous(ex: Extras) -> list[TensorResult]:
     """Rerun the backward with non-contiguous copies of every checked input; judge it as the first run."""
     call = ex.call
@@ -397,6 +480,10 @@ def check_noncontiguous(ex: Extras) -> list[TensorResult]:
         ex.notes.append("non-contiguous inputs: not checked (no input has more than one element)")
         return []
     names = ", ".join(s.name for s in changed)
+    problem = _layout_problem(ex, values, names)
+    if problem is not None:
+        ex.notes.append(f"non-contiguous inputs: not compared: {problem}")
+        return []
     try:
         _, grads = vjp_at(call, values, ex.cotangents, ex.seed)
     except Exception as exc:  # the point of this check: a backward that can't take strided inputs
@@ -418,7 +505,10 @@ def check_noncontiguous(ex: Extras) -> list[TensorResult]:
         for s in changed:
             a = grads[k][s.key]
             check = ex.checks[(k, s.key)]
-            redo = dataclasses.replace(check, analytical=torch.zeros_like(check.analytical) if a is None else a)
+            a_checked = a if a is None or check.index is None else a[check.index]  # skipped elements: not judged
+            redo = dataclasses.replace(
+                check, analytical=torch.zeros_like(check.analytical) if a_checked is None else a_checked
+            )
             target = Target(f"non-contiguous: {ex.pair(k, s.name)}", values[s.key].detach(), kind="non-contiguous")
             rows.append(summarise(target, redo, a is not None))
     return rows
@@ -439,7 +529,8 @@ def determinism_results(ex: Extras, nondet_tol: float) -> list[TensorResult]:
             if (a is None) != (b is None):
                 diff = math.inf
             else:
-                diff = 0.0 if a is None or b is None or a.numel() == 0 else float((a - b).abs().max())
+                # NaN in the same places on both runs (NaN inputs) is the same gradient
+                diff = 0.0 if a is None or b is None or a.numel() == 0 else nan_aware_gap(a, b)
             worst = max(worst, diff)
             if not diff <= nondet_tol:
                 rows.append(
@@ -456,3 +547,9 @@ def determinism_results(ex: Extras, nondet_tol: float) -> list[TensorResult]:
         same = "identical gradients" if worst == 0 else f"gradients within {worst:.1e} (nondet_tol={nondet_tol:g})"
         ex.notes.append(f"determinism: the backward run twice gives {same}")
     return rows
+
+
+def nan_aware_gap(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``max |a - b|``, where NaN in the same places on both sides (NaN inputs, as nansum takes) counts as equal."""
+    gap = (a - b).abs()
+    return float(gap.masked_fill(torch.isnan(a) & torch.isnan(b), 0.0).max())

@@ -34,6 +34,7 @@ import torch.utils._pytree as pytree
 from torch import nn
 
 from .._batch import Objective
+from .._check import _DTYPE_ERROR, mark_skipped_elements
 from .._compare import relative_error
 from .._engines import EngineSwitch, LoopEngine, choose_engine
 from .._errors import InvalidArgumentError, InvalidArgumentTypeError
@@ -54,7 +55,8 @@ from ._extras import (
     spy_backward,
     vjp_at,
 )
-from ._second import check_second_order
+from ._repeat import repeatability_results
+from ._second import check_second_order, second_order_warnings
 
 __all__ = ["verify_function"]
 
@@ -97,7 +99,9 @@ def _fill(tree: Any, values: dict[str, torch.Tensor]) -> Any:
 class _Call(nn.Module):
     """``fn`` with its checked inputs as Parameters (``in0``, ``in1``, ...) and every other argument fixed."""
 
-    def __init__(self, fn: Callable[..., Any], args: tuple, kwargs: dict, slots: list[_Slot]) -> None:
+    def __init__(
+        self, fn: Callable[..., Any], args: tuple, kwargs: dict, slots: list[_Slot], work: torch.dtype | None
+    ) -> None:
         super().__init__()
         owner = fn if isinstance(fn, nn.Module) else getattr(fn, "__self__", None)
         if isinstance(owner, nn.Module):
@@ -106,7 +110,8 @@ class _Call(nn.Module):
         object.__setattr__(self, "reset_buffers", lambda: None)  # the lent module's, during the check
         self.args, self.kwargs, self.slots = args, kwargs, slots
         for s in slots:
-            self.register_parameter(s.key, nn.Parameter(s.original.detach().to(DTYPE, copy=True).contiguous()))
+            data = s.original.detach().to(work or s.original.dtype, copy=True).contiguous()
+            self.register_parameter(s.key, nn.Parameter(data))
 
     def prepare(self, seed: int) -> None:
         """Before every call outside the engines: buffers of ``fn``'s module reset, RNG re-seeded."""
@@ -183,24 +188,30 @@ def _reject_typos(fn: Callable[..., Any], kwargs: dict) -> None:
             )
 
 
-def _convert(tree: Any, name: str, slots: list[_Slot]) -> Any:
-    """Checked tensors become `_Slot`s; other floating tensors float64 copies; anything else unchanged."""
-    return pytree.tree_map_with_path(lambda key, leaf: _convert_leaf(leaf, name + pytree.keystr(key), slots), tree)
+def _convert(tree: Any, name: str, slots: list[_Slot], work: torch.dtype | None, empty: list[str]) -> Any:
+    """Checked tensors become `_Slot`s; other floating tensors copies in `work`; anything else unchanged.
+
+    An empty tensor (numel 0) that requires grad has nothing to check: passed as a copy, named in `empty`.
+    """
+    return pytree.tree_map_with_path(
+        lambda key, leaf: _convert_leaf(leaf, name + pytree.keystr(key), slots, work, empty), tree
+    )
 
 
-def _convert_leaf(tree: Any, name: str, slots: list[_Slot]) -> Any:
+def _convert_leaf(tree: Any, name: str, slots: list[_Slot], work: torch.dtype | None, empty: list[str]) -> Any:
     if not isinstance(tree, torch.Tensor):
         return tree
     if tree.requires_grad and tree.is_complex():
         raise InvalidArgumentError(f"{_CALL}: {name} is complex; complex inputs are not supported yet.")
-    if tree.requires_grad and tree.is_floating_point():
-        if not bool(torch.isfinite(tree.detach()).all()):
-            raise InvalidArgumentError(f"{_CALL}: {name} contains NaN or Inf; check at a finite point.")
+    if tree.requires_grad and tree.is_floating_point() and tree.numel() == 0:
+        empty.append(name)
+    elif tree.requires_grad and tree.is_floating_point():
+        # NaN/Inf elements (inputs meant for torch.nansum) are legal: never perturbed, listed (`_first_order`)
         expanded = tree.numel() > 1 and any(st == 0 and sz > 1 for st, sz in zip(tree.stride(), tree.shape))
         slots.append(_Slot(f"in{len(slots)}", name, tree, expanded))
         return slots[-1]
     if tree.is_floating_point():
-        return tree.detach().to(DTYPE, copy=True)
+        return tree.detach().to(work or tree.dtype, copy=True)
     return tree
 
 
@@ -211,8 +222,9 @@ def _validate(fn: Any, args: tuple, kwargs: dict, options: dict[str, Any]) -> No
             f"{_CALL}: fn must be callable (e.g. MyFunction.apply) but got fn={fn!r} (type={type(fn).__name__})."
         )
     for flag in ("second_order", "forward_mode", "noncontiguous"):
-        if not isinstance(options[flag], bool):
-            raise InvalidArgumentTypeError(f"{_CALL}: {flag}= must be True or False, got {options[flag]!r}.")
+        if not isinstance(options[flag], bool) and not (flag == "second_order" and options[flag] is None):
+            allowed = "True, False or None" if flag == "second_order" else "True or False"
+            raise InvalidArgumentTypeError(f"{_CALL}: {flag}= must be {allowed}, got {options[flag]!r}.")
     tol = options["nondet_tol"]
     if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol >= 0:
         raise InvalidArgumentError(f"{_CALL}: nondet_tol={tol!r} must be a number >= 0.")
@@ -221,11 +233,6 @@ def _validate(fn: Any, args: tuple, kwargs: dict, options: dict[str, Any]) -> No
 
 def _supported(shared: CheckOptions) -> None:
     """The shared options verify_function cannot honour yet are refused by name (never ignored)."""
-    if shared.dtype != DTYPE:
-        raise InvalidArgumentError(
-            f"verify_function: dtype={shared.dtype!r} is not supported yet: functions are checked in float64; "
-            "leave dtype at its default."
-        )
     if shared.mode not in ("auto", "full"):
         raise InvalidArgumentError(
             f"verify_function: mode={shared.mode!r} is not supported yet: every input element is checked; "
@@ -246,7 +253,7 @@ def verify_function(
     nondet_tol: float = 0.0,
     seed: int = 0,
     engine: str = "auto",
-    second_order: bool = True,
+    second_order: bool | None = None,
     forward_mode: bool = True,
     noncontiguous: bool = True,
     progress: bool | None = None,
@@ -259,10 +266,13 @@ def verify_function(
     (the tolerance model of `verify_module`). Then, by default, in this order and each in its own rows:
     second derivatives (the double backward along a random direction, against differences of the
     backward; skipped with a note for ``@once_differentiable`` or when the first derivatives already
-    fail), the ``jvp`` (forward mode; skipped with a note when the Function defines none), the backward
+    fail; a warning, not a failure, unless ``second_order=True``), the ``jvp`` (forward mode; "forward
+    mode unavailable" is noted when ``fn`` has none, never compared with a zero), the backward
     on non-contiguous (transposed/strided) copies of the inputs, and determinism (the backward run
-    twice; a row only when the runs differ). A gradient that ``backward`` returns with the wrong
-    dtype, shape or device fails its row by name, even where autograd would cast or reduce it.
+    twice; a row only when the runs differ). Before those, the backward is called twice through the
+    same graph: one that changes state saved on ``ctx`` fails ("backward not repeatable"). A gradient
+    that ``backward`` returns with the wrong dtype, shape or device fails its row by name, even where
+    autograd would cast or reduce it.
 
     Options are keyword-only and their names are reserved: every other keyword goes to ``fn``. A
     keyword that ``fn`` does not name and that looks like an option (``second_ordr=``) is an error.
@@ -271,8 +281,8 @@ def verify_function(
 
     Args:
         fn: any callable of tensors: ``MyFunction.apply``, a function built on one, a module.
-        dtype: checking precision: float64 (the only one supported so far; None is refused until
-            checks in the inputs' own dtype land).
+        dtype: checking precision: float64 (default), another floating dtype, or None to keep every
+            input's own dtype (a float32-only kernel; tolerances follow that dtype's measured noise).
         mode: "auto" or "full": every element of every input (the first-order rows). "directional"
             and "sampled" are not supported by verify_function yet and are refused.
         budget: seconds "auto" may plan for (accepted for symmetry with verify_module).
@@ -287,7 +297,10 @@ def verify_function(
         nondet_tol: allowed difference between two runs of the backward (default 0: bit-identical).
         seed: the RNG seed set before every evaluation, and the seed of the random cotangents.
         engine: "auto" (vmap, falling back to a loop), "vmap" or "loop".
-        second_order: also check second derivatives (``x -> vjp(x, v)``) when the backward is differentiable.
+        second_order: second derivatives (``x -> vjp(x, v)``) when the backward is differentiable.
+            None (default): checked, and a wrong or impossible double backward is a warning
+            (``report.warnings``, status "warning"), the verdict stands; True: part of the verdict;
+            False: not checked.
         forward_mode: also check ``jvp`` (forward-mode AD) where ``fn`` supports it.
         noncontiguous: also run the backward on non-contiguous copies of the inputs.
         progress: show a progress bar (None: when stderr is a terminal).
@@ -337,20 +350,36 @@ def verify_function(
         "noncontiguous": noncontiguous,
     }
     _validate(fn, args, kwargs, options)
+    work = shared.dtype  # None: every tensor keeps its own dtype (a float32-only kernel)
+    call = _make_call(fn, args, kwargs, work)
+    slots = call.slots
+    resolved = shared.resolve(work or slots[0].original.dtype, slots[0].original.device)
+    with preserved_global_state(), lend_model(call, work) as lent:
+        if work is not None:
+            torch.set_default_dtype(work)
+        return _run(call, lent, resolved, options, start)
+
+
+def _make_call(fn: Callable[..., Any], args: tuple, kwargs: dict, work: torch.dtype | None) -> _Call:
+    """``fn`` with its arguments converted: the inputs that require grad become the `_Call`'s slots."""
     pos_names, kw_names = _argument_names(fn, args, kwargs)
     slots: list[_Slot] = []
-    conv_args = tuple(_convert(a, n, slots) for a, n in zip(args, pos_names))
-    conv_kwargs = {k: _convert(v, kw_names[k], slots) for k, v in kwargs.items()}
+    empty: list[str] = []
+    conv_args = tuple(_convert(a, n, slots, work, empty) for a, n in zip(args, pos_names))
+    conv_kwargs = {k: _convert(v, kw_names[k], slots, work, empty) for k, v in kwargs.items()}
+    if not slots and empty:
+        raise InvalidArgumentError(
+            f"{_CALL}: every input that requires grad is empty ({', '.join(empty)} with numel 0), so there "
+            "is nothing to check; pass inputs with at least one element."
+        )
     if not slots:
         raise InvalidArgumentError(
             f"{_CALL}: no input requires grad, so there is nothing to check; mark the inputs to check "
             "with x.requires_grad_() (integer tensors and tensors without requires_grad are passed through)."
         )
-    call = _Call(fn, conv_args, conv_kwargs, slots)
-    resolved = shared.resolve(DTYPE, slots[0].original.device)
-    with preserved_global_state(), lend_model(call, DTYPE) as lent:
-        torch.set_default_dtype(DTYPE)
-        return _run(call, lent, resolved, options, start)
+    call = _Call(fn, conv_args, conv_kwargs, slots, work)
+    call.empty = tuple(empty)
+    return call
 
 
 def _objective(k: int, v: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
@@ -363,11 +392,15 @@ def _objective(k: int, v: torch.Tensor) -> Callable[[Any, Any], torch.Tensor]:
     return forward
 
 
-def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]]]:
-    """The first call of ``fn`` (with grad): its raw result and its floating outputs, validated."""
+def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]], list[int]]:
+    """The first call of ``fn`` (with grad): its raw result, its checked floating outputs, the skipped ones.
+
+    Outputs that autograd marks non-differentiable (``requires_grad=False``: ``ctx.mark_non_differentiable``,
+    the mean/rstd of ``native_layer_norm``) are not checked, as gradcheck does; their indices come third.
+    """
     with torch.enable_grad():
         call.prepare(seed)
-        raw = call()
+        raw = _first_call(call)
     outs = float_outputs(raw)
     if not outs:
         raise InvalidArgumentError(
@@ -379,10 +412,59 @@ def _outputs(call: _Call, seed: int) -> tuple[Any, list[tuple[int, torch.Tensor]
             f"{_CALL}: no output of fn requires grad: nothing connects the outputs to the inputs "
             "(computed under torch.no_grad(), or detached?)."
         )
+    if not any(t.requires_grad and t.numel() > 0 for _, t in outs):
+        raise InvalidArgumentError(
+            f"{_CALL}: every output of fn that requires grad is empty (numel 0): there is nothing to check."
+        )
     for i, t in outs:
         if not bool(torch.isfinite(t.detach()).all()):
-            raise InvalidArgumentError(f"{_CALL}: output {i} of fn is not finite at the given inputs.")
-    return raw, outs
+            raise InvalidArgumentError(
+                f"{_CALL}: output {i} of fn is not finite at the given inputs (NaN/Inf input elements are "
+                "legal only where fn ignores them, as torch.nansum does)."
+            )
+    checked = [(i, t) for i, t in outs if t.requires_grad and t.numel() > 0]
+    return raw, checked, [i for i, t in outs if not t.requires_grad or t.numel() == 0]
+
+
+def _runs_on_own_layout(call: _Call) -> bool:
+    """Does ``fn`` run on copies that keep each input's storage, strides and offset (where ours failed)?"""
+
+    def same_layout(t: torch.Tensor) -> torch.Tensor:
+        n = t.untyped_storage().nbytes() // t.element_size()
+        flat = torch.as_strided(t.detach(), (n,), (1,), 0).clone()  # the whole storage, copied
+        return flat.as_strided(t.shape, t.stride(), t.storage_offset())
+
+    values = {s.key: same_layout(s.original) for s in call.slots}
+    try:
+        with torch.no_grad():
+            call.fn(*_fill(call.args, values), **_fill(call.kwargs, values))
+    except Exception:
+        return False
+    return True
+
+
+def _first_call(call: _Call) -> Any:
+    """``fn`` at the given inputs; a kernel that refuses the checking dtype gets an error naming dtype=None."""
+    try:
+        return call()
+    except (RuntimeError, TypeError, NotImplementedError) as exc:
+        work = {p.dtype for p in call.leaves().values()}
+        own = {s.original.dtype for s in call.slots}
+        views = [s for s in call.slots if s.original.storage_offset() or not s.original.is_contiguous()]
+        if views and _runs_on_own_layout(call):
+            raise InvalidArgumentError(
+                f"{_CALL}: fn failed on the contiguous copies that verify_function checks ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); {views[0].name} is a view into a larger storage (storage "
+                f"offset {views[0].original.storage_offset()}, strides {views[0].original.stride()}), which fn "
+                "may rely on (as_strided). Pass contiguous inputs, or wrap fn to build the view itself."
+            ) from exc
+        if own <= work or not _DTYPE_ERROR.search(str(exc)):
+            raise  # fn's own error, not our conversion: let it through untouched
+        raise InvalidArgumentError(
+            f"{_CALL}: fn failed when run in {sorted(map(str, work))} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200]}); its inputs are {sorted(map(str, own))}. If its kernels only "
+            "run in that dtype, pass dtype=None (tolerances then follow the measured noise of that dtype)."
+        ) from exc
 
 
 def _bad_returns(
@@ -438,21 +520,8 @@ def _extra_checks(ex: Extras, options: dict[str, Any], first_ok: bool) -> list[T
     Second order and non-contiguous inputs are judged against the first derivatives, so they only run
     when those pass: a wrong gradient is reported once, as itself.
     """
-    rows: list[TensorResult] = []
     failing = "not checked, because the first derivatives already disagree"
-    if not options["second_order"]:
-        ex.notes.append("second order: off (second_order=False)")
-    elif not first_ok:
-        ex.notes.append(f"second order: {failing}")
-    else:
-        once = once_differentiable_nodes([t for _, t in _outputs(ex.call, ex.seed)[1]])
-        if once:
-            ex.notes.append(
-                f"second order: not checked: the backward of {', '.join(sorted(once))} is "
-                "@once_differentiable (information, not a failure)"
-            )
-        else:
-            rows += check_second_order(ex)
+    rows = _second_order(ex, options["second_order"], first_ok)
     if options["forward_mode"]:
         rows += check_forward_mode(ex)
     else:
@@ -466,21 +535,66 @@ def _extra_checks(ex: Extras, options: dict[str, Any], first_ok: bool) -> list[T
     return rows
 
 
-def _run(call: _Call, lent: Lent, shared: CheckOptions, options: dict[str, Any], start: float) -> Report:
-    seed = shared.seed
-    settings = Settings(eps=float(shared.eps or 0), rtol=float(shared.rtol or 0), atol=shared.atol)
-    object.__setattr__(call, "reset_buffers", lent.reset_buffers)
+def _second_order(ex: Extras, wanted: bool | None, first_ok: bool) -> list[TensorResult]:
+    """The second-order rows: part of the verdict if `wanted` is True, warnings if None, none if False."""
+    if wanted is False:
+        ex.notes.append("second order: off (second_order=False)")
+        return []
+    if not first_ok:
+        ex.notes.append("second order: not checked, because the first derivatives already disagree")
+        return []
+    once = once_differentiable_nodes([t for _, t in _outputs(ex.call, ex.seed)[1]])
+    if once:
+        ex.notes.append(
+            f"second order: not checked: the backward of {', '.join(sorted(once))} is "
+            "@once_differentiable (information, not a failure)"
+        )
+        return []
+    rows = check_second_order(ex)
+    return rows if wanted else second_order_warnings(ex, rows)
+
+
+def _start(call: _Call, seed: int) -> tuple[Extras, dict[int, torch.Tensor], bool]:
+    """The first call of ``fn``: the `Extras` every check shares (cotangents drawn), and ``several``."""
     # Not torch.manual_seed(seed)'s stream: a caller who drew x with seed 0 would get v == x, and a
     # transposed gradient of sum(v * (x @ w.T)) (x.T v instead of v.T x) would then go unnoticed.
     generator = torch.Generator().manual_seed((seed ^ _STREAM) & (2**63 - 1))
-    raw, outs = _outputs(call, seed)
-    several = len(outs) > 1 or isinstance(raw, (tuple, list))
+    raw, outs, skipped = _outputs(call, seed)
+    several = len(outs) + len(skipped) > 1 or isinstance(raw, (tuple, list))
     cotangents = {k: torch.randn(t.shape, generator=generator, dtype=DTYPE).to(t.device) for k, t in outs}
+    ex = Extras(
+        call=call,
+        cotangents=cotangents,
+        grads={},
+        checks={},
+        settings=Settings(0.0, 0.0, 0.0),
+        seed=seed,
+        generator=generator,
+        several=several,
+    )
+    ex.notes += [f"{s.name} is an expanded tensor (overlapping memory): {_EXPANDED}" for s in call.slots if s.expanded]
+    ex.notes += [f"{name} is empty (numel 0): nothing to check, skipped" for name in getattr(call, "empty", ())]
+    sizes = dict(float_outputs(raw))
+    ex.notes += [
+        f"{ex.output(i)} is empty (numel 0): nothing to check, skipped"
+        if sizes[i].numel() == 0
+        else f"{ex.output(i)} is non-differentiable (requires_grad=False: ctx.mark_non_differentiable, or a "
+        "statistic such as the mean/rstd of native_layer_norm): not checked, as gradcheck does"
+        for i in skipped
+    ]
+    return ex, cotangents, several
+
+
+def _run(call: _Call, lent: Lent, shared: CheckOptions, options: dict[str, Any], start: float) -> Report:
+    seed = shared.seed
+    object.__setattr__(call, "reset_buffers", lent.reset_buffers)
+    ex, cotangents, _ = _start(call, seed)
+    ex.settings = Settings(eps=float(shared.eps or 0), rtol=float(shared.rtol or 0), atol=shared.atol)
     found: dict[str, tuple[str, str]] = {}
     names = {s.key: s.name for s in call.slots}
     leaves = call.leaves()
     try:
-        losses, grads = vjp_at(
+        losses, ex.grads = vjp_at(
             call,
             leaves,
             cotangents,
@@ -492,37 +606,25 @@ def _run(call: _Call, lent: Lent, shared: CheckOptions, options: dict[str, Any],
             raise
         return _raised_report(call, found, exc, start)
     torch.set_grad_enabled(False)
-    notes = [f"{s.name} is an expanded tensor (overlapping memory): {_EXPANDED}" for s in call.slots if s.expanded]
-    checks: dict[tuple[int, str], Any] = {}
-    ex = Extras(
-        call=call,
-        cotangents=cotangents,
-        grads=grads,
-        checks=checks,
-        settings=settings,
-        seed=seed,
-        generator=generator,
-        several=several,
-        notes=notes,
-    )
     engines: set[str] = set()
     total = sum(len(cotangents) * (2 * s.original.numel() + NOISE_POINTS) for s in call.slots)
     with progress_bar(total, shared.progress, "verify_function") as bar:
         results, pairs, evaluations = _first_order(ex, lent, losses, shared, bar.update, engines)
     results = _bad_returns(found, results, pairs, call.slots)
+    results += repeatability_results(ex, options["nondet_tol"])
     results += _extra_checks(ex, options, all(r.passed for r in results))
     results += determinism_results(ex, options["nondet_tol"])
-    kept = [(c.analytical[~c.kink], c.numerical[~c.kink]) for c in checks.values()]
-    overall = relative_error(torch.cat([a for a, _ in kept]), torch.cat([n for _, n in kept]))
+    kept = [(c.analytical[~c.kink], c.numerical[~c.kink]) for c in ex.checks.values()]
     return Report(
         call="verify_function",
         results=tuple(results),
-        relative_error=overall,
+        relative_error=relative_error(torch.cat([a for a, _ in kept]), torch.cat([n for _, n in kept])),
         options=dataclasses.replace(shared, mode="full"),
         evaluations=evaluations + ex.evaluations,
         seconds=time.perf_counter() - start,
         engine="vmap" if engines == {"vmap"} else "loop",
-        notes=tuple(notes),
+        notes=tuple(ex.notes),
+        warnings=tuple(ex.warnings),
     )
 
 
@@ -550,6 +652,7 @@ def _first_order(
         for s in call.slots:
             param = getattr(call, s.key)
             target = Target(s.key, param.data, kind="parameter", param=param)
+            mark_skipped_elements(target, ex.grads[k][s.key], {}, s.name)  # NaN/Inf input elements: not perturbed
             switch: EngineSwitch = choose_engine(_CALL, loop, target, losses[k], nondet, shared.engine, ex.notes)
             a = ex.grads[k][s.key]
             flat = torch.zeros(param.numel(), dtype=DTYPE, device=param.device) if a is None else a

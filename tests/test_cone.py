@@ -93,6 +93,8 @@ def test_cone_losses_equal_vmap_losses_up_to_rounding(case):
     """Every element of every tensor, moved both ways, and dense moves: cone and vmap agree to rounding."""
     torch.manual_seed(0)
     model, loss_fn, batch = MORE[case]()
+    if isinstance(model, nn.Sequential):  # a weight with no low-rank start: the generic path, many chunks
+        model.append(nn.LayerNorm(model[-1].out_features))
     before = snapshot(model)
     with preserved_global_state(), lend_model(model, torch.float64) as lent:
         objective = Objective(loss_fn, convert_batch(batch, torch.float64), None)
@@ -100,7 +102,7 @@ def test_cone_losses_equal_vmap_losses_up_to_rounding(case):
         # runs without its per-example fallback (see `_engines.without_vmap_fallback`): the loop is the
         # reference there.
         reference = LoopEngine if case == "transformer_eval" else VmapEngine
-        cone, vmap = ConeEngine(lent, objective, 0), reference(lent, objective, 0)
+        cone, vmap = ConeEngine(lent, objective, 0, max_chunk=7), reference(lent, objective, 0)  # many chunks
         loss = abs(float(cone.cached_loss))
         for name, p in model.named_parameters():
             target = Target(name, p.data, param=p)
@@ -273,3 +275,29 @@ def test_cone_checks_batch_inputs_too():
     assert vmap.passed
     assert [r.name for r in cone.results] == [r.name for r in vmap.results]
     assert [r.status for r in cone.results] == [r.status for r in vmap.results]
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"reduction": "sum"}, {"ignore_index": 1}, {"weight": "w"}, {"label_smoothing": 0.1}],
+    ids=["mean", "sum", "ignore_index", "weight", "smoothing"],
+)
+def test_cone_cross_entropy_in_plain_ops_equals_torch(options):
+    """The cone evaluates cross_entropy in plain ops (or hands the unusual cases back to torch): same numbers."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3)
+    if options.get("weight") == "w":
+        options = {"weight": torch.tensor([0.2, 1.0, 3.0], dtype=torch.float64)}
+    x, y = torch.randn(6, 4), torch.tensor([0, 1, 2, 1, 0, 2])
+
+    def loss(out, t):
+        return F.cross_entropy(out, t, **options)
+
+    with preserved_global_state(), lend_model(model, torch.float64) as lent:
+        objective = Objective(loss, convert_batch((x, y), torch.float64), None)
+        cone, vmap = ConeEngine(lent, objective, 0), VmapEngine(lent, objective, 0)
+        target = Target("weight", model.weight.data, param=model.weight)
+        index = torch.arange(12)
+        a, b = cone.losses(target, index, target.flat + 1e-3), vmap.losses(target, index, target.flat + 1e-3)
+        assert torch.allclose(a, b, rtol=0, atol=1e-14)
+        assert torch.allclose(cone.cached_loss, vmap.loss(), rtol=0, atol=1e-15)

@@ -216,6 +216,8 @@ def _classify(graph: fx.Graph) -> tuple[list[fx.Node], set[fx.Node], set[fx.Node
             and not node.kwargs.get("enable_gqa")
         ):
             node.target = _attention  # vmap has no batching rule for the fused CPU kernels: plain ops
+        elif op is aten.cross_entropy_loss.default:
+            node.target = _cross_entropy  # the fused kernel is slow on short rows under vmap: plain ops
         elif isinstance(op, torch._ops.OpOverload):
             if torch.Tag.nondeterministic_seeded in op.tags and not _random_off(node, op):
                 raise ConeUnavailableError(f"the forward draws random numbers ({op})")
@@ -315,6 +317,29 @@ def _attention(
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
     return torch.softmax(scores, dim=-1) @ v
+
+
+def _cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: int = 1,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``cross_entropy_loss`` of (N, C) logits and class indices in plain ops (equal up to rounding).
+
+    Anything else (class weights, label smoothing, probabilities, more dims) goes to the aten op.
+    """
+    plain = weight is None and label_smoothing == 0 and reduction in (1, 2)
+    if not plain or logits.dim() != 2 or target.dim() != 1 or target.is_floating_point():
+        return aten.cross_entropy_loss.default(logits, target, weight, reduction, ignore_index, label_smoothing)
+    top = logits.amax(-1, keepdim=True)
+    lse = (logits - top).exp().sum(-1).log() + top.squeeze(-1)
+    keep = target != ignore_index
+    picked = logits.gather(-1, torch.where(keep, target, 0).unsqueeze(-1)).squeeze(-1)
+    losses = torch.where(keep, lse - picked, 0.0)
+    return losses.sum() / keep.sum() if reduction == 1 else losses.sum()
 
 
 def _attr(module: nn.Module, target: str) -> Any:
@@ -477,9 +502,15 @@ class ConeEngine(Engine):
         diagonal = torch.arange(size, device=flat.device)
         fn = self._cone_fn(ph, cone)
 
+        last: list[
+            torch.Tensor
+        ] = []  # the elements the previous chunk set, put back first (O(rows), not O(rows*numel))
+
         def make(a: int, b: int) -> torch.Tensor:
             k = b - a
-            rows.copy_(flat.expand_as(rows))
+            for idx in last:
+                rows[diagonal[: len(idx)], idx] = flat[idx]
+            last[:] = [index[a:b]]
             rows[diagonal[:k], index[a:b]] = values[a:b].to(rows.dtype)
             return rows[:k].view(k, *target.shape)
 

@@ -256,8 +256,7 @@ def _custom_op_db():
 
 
 # numpy_mul's backward returns grad_out * y for x, in y's (broadcast) shape, and lets autograd sum it
-# down to x's shape, as autograd allows. verify_function's spy reports a gradient returned in another
-# shape than its input's as "wrong shape" (by policy, for every Function); the values are right.
+# down to x's shape, as autograd allows: the values are right, so it passes with a warning about the shape.
 _BROADCAST_RETURN = {"NumpyMulCustomOp"}
 
 
@@ -277,11 +276,9 @@ def test_custom_op_db_correct_ops_pass(capfd):
         for sample in list(info.sample_inputs("cpu", torch.float64, requires_grad=True))[:3]:
             args = (sample.input, *sample.args)
             report = _check_quietly(capfd, _db_fn(info), *args, **sample.kwargs)
-            if info.name in _BROADCAST_RETURN:
-                assert {r.status for r in report.failures} <= {"wrong shape"}, (info.name, report)
-                assert all(r.relative_error is not None and r.relative_error < 1e-8 for r in report.results[:2])
-            else:
-                assert report.passed, (info.name, report)
+            assert report.passed, (info.name, report)
+            if info.name in _BROADCAST_RETURN and any(r.status == "warning" for r in report.results):
+                assert any("autograd sums it down, so the values are right" in w for w in report.warnings)
             checked += 1
     assert checked >= 9  # 8 ops, one or two samples each
 

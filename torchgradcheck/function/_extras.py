@@ -207,15 +207,28 @@ def _spy(
                 )
             elif g.device != torch.device(want.device):
                 found[key] = ("wrong device", f"{said} on {g.device}, but {label} is on {want.device}")
-            elif tuple(g.shape) != shape:
+            elif tuple(g.shape) != shape and _sums_down(shape, tuple(g.shape)):
+                # autograd's validate_outputs sums such a gradient down (PyTorch's own custom_op_db
+                # numpy_mul does this): the values are right, so it is a warning, not a failure
                 found[key] = (
-                    "wrong shape",
-                    f"{said} of shape {tuple(g.shape)}, but {label} has shape "
-                    f"{shape} (autograd sums a broadcastable one down silently, or raises)",
+                    "warning",
+                    f"{said} of shape {tuple(g.shape)}, but {label} has shape {shape}: autograd sums it down, "
+                    f"so the values are right, but backward builds a gradient larger than {label} "
+                    f"(reduce it in backward, e.g. with .sum_to_size({shape}), to save the memory).",
                 )
+            elif tuple(g.shape) != shape:
+                found[key] = ("wrong shape", f"{said} of shape {tuple(g.shape)}, but {label} has shape {shape}")
         return out
 
     return apply
+
+
+def _sums_down(shape: tuple[int, ...], grad_shape: tuple[int, ...]) -> bool:
+    """True when autograd accepts a gradient of `grad_shape` for `shape` by summing it down (``sum_to``)."""
+    try:
+        return len(shape) <= len(grad_shape) and torch.broadcast_shapes(shape, grad_shape) == grad_shape
+    except RuntimeError:
+        return False
 
 
 def _dt(dtype: torch.dtype) -> str:

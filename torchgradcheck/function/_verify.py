@@ -485,8 +485,10 @@ def _bad_returns(
     for (_, key), r in zip(pairs, results):
         if key in found:
             status, note = found[key]
-            # right values in the wrong dtype/shape: list no "worst elements over tolerance" (there are none)
-            r = dataclasses.replace(r, status=status, note=note, worst=r.worst if r.failed else ())
+            if status == "warning" and r.failed:  # a gradient summed down and wrong: the values decide
+                r = dataclasses.replace(r, note=note)
+            else:  # right values in the wrong dtype/shape: no "worst elements over tolerance" (there are none)
+                r = dataclasses.replace(r, status=status, note=note, worst=r.worst if r.failed else ())
         out.append(r)
     keys = {s.key for s in slots}
     for key, (status, note) in found.items():
@@ -617,6 +619,7 @@ def _run(call: _Call, lent: Lent, shared: CheckOptions, options: dict[str, Any],
     with progress_bar(total, shared.progress, "verify_function") as bar:
         results, pairs, evaluations = _first_order(ex, lent, losses, shared, bar.update, engines)
     results = _bad_returns(found, results, pairs, call.slots)
+    ex.warnings += [note[0].upper() + note[1:] for status, note in found.values() if status == "warning"]
     results += repeatability_results(ex, options["nondet_tol"])
     results += _extra_checks(ex, options, all(r.passed for r in results))
     results += determinism_results(ex, options["nondet_tol"])

@@ -109,6 +109,10 @@ def check_options(
     )
 
 
+# The options every verify_* accepts (the fields of CheckOptions a caller sets); each entry point adds its own.
+SHARED_OPTIONS = ("dtype", "mode", "budget", "seed", "eps", "rtol", "atol", "engine", "progress")
+
+
 def reject_unknown(call: str, unknown: dict[str, Any], known: Iterable[str]) -> None:
     """Unknown keyword options are an error, never ignored; suggest the nearest known name."""
     if not unknown:

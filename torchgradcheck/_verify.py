@@ -17,7 +17,7 @@ from ._compiled import Compiled, eager_calls, no_donated_buffers, split_compiled
 from ._errors import InvalidArgumentError, InvalidArgumentTypeError
 from ._hessian import check_input_second_order, check_second_order
 from ._noise import NOISE_POINTS
-from ._options import CheckOptions, check_options, reject_unknown, validate_patterns
+from ._options import SHARED_OPTIONS, CheckOptions, check_options, reject_unknown, validate_patterns
 from ._params import Lent, Target, lend_model
 from ._progress import progress_bar
 from ._report import Report, TensorResult
@@ -37,20 +37,12 @@ _OPTIONS = (
     "forward",
     "params",
     "inputs",
-    "mode",
-    "budget",
-    "eps",
-    "rtol",
-    "atol",
-    "dtype",
-    "seed",
-    "engine",
-    "progress",
     "localise",
     "accumulation",
     "after_steps",
     "optimizer",
     "second_order",
+    *SHARED_OPTIONS,
 )
 
 

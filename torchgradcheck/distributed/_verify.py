@@ -34,7 +34,7 @@ from .._dtensor import is_dtensor, local_tensor
 from .._errors import InvalidArgumentError
 from .._measure import Settings
 from .._noise import NOISE_POINTS
-from .._options import CheckOptions, check_options, reject_unknown, validate_patterns
+from .._options import SHARED_OPTIONS, CheckOptions, check_options, reject_unknown, validate_patterns
 from .._params import Lent, Target, lend_model
 from .._progress import progress_bar
 from .._report import Report, TensorResult
@@ -53,15 +53,7 @@ _OPTIONS = (
     "placement",
     "split",
     "group",
-    "mode",
-    "budget",
-    "eps",
-    "rtol",
-    "atol",
-    "dtype",
-    "seed",
-    "engine",
-    "progress",
+    *SHARED_OPTIONS,
 )
 
 

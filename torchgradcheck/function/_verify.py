@@ -40,7 +40,7 @@ from .._engines import EngineSwitch, LoopEngine, choose_engine
 from .._errors import InvalidArgumentError, InvalidArgumentTypeError
 from .._measure import Settings, measure, summarise
 from .._noise import NOISE_POINTS
-from .._options import CheckOptions, check_options
+from .._options import SHARED_OPTIONS, CheckOptions, check_options
 from .._params import Lent, Target, lend_model
 from .._progress import progress_bar
 from .._report import Report, TensorResult
@@ -63,20 +63,12 @@ __all__ = ["verify_function"]
 
 _CALL = "verify_function(fn, *args, **kwargs)"
 OPTIONS = (
-    "dtype",
-    "mode",
-    "budget",
-    "eps",
-    "rtol",
-    "atol",
     "nondet_tol",
-    "seed",
-    "engine",
     "second_order",
     "forward_mode",
     "noncontiguous",
     "opcheck",
-    "progress",
+    *SHARED_OPTIONS,
 )
 DTYPE = torch.float64
 _EXPANDED = "its elements were checked as independent values of a contiguous copy"

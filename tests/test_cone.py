@@ -123,7 +123,7 @@ def test_cone_uses_low_rank_starts_where_the_first_consumer_is_linear():
     with lend_model(model, torch.float64) as lent:
         objective = Objective(F.mse_loss, convert_batch((torch.randn(5, 4), torch.randn(5, 3)), torch.float64), None)
         cone = ConeEngine(lent, objective, 0)
-        plans = {n: cone._plan(Target(n, p.data, param=p))[2] for n, p in model.named_parameters()}
+        plans = {n: cone._plan(Target(n, p.data, param=p)).update for n, p in model.named_parameters()}
     # the first Linear: a rank-1 step through tanh into the second Linear's output
     assert plans["0.weight"] is not None
     assert plans["0.weight"].node.name == "linear_1"

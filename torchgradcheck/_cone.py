@@ -23,7 +23,6 @@ loss without showing up as one of the above.
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -31,12 +30,14 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.func import functional_call, vmap
+from torch.func import functional_call
 from torch.utils import _pytree as pytree
 
 from ._batch import Objective
 from ._engines import Engine, LoopEngine, memory_budget, without_vmap_fallback
 from ._params import Lent, Target
+from ._plain_ops import FASTER, attention, cross_entropy
+from ._rows import Pool, run_rows
 
 __all__ = ["ConeEngine", "ConeUnavailableError", "capture", "cone_agrees"]
 
@@ -107,8 +108,6 @@ class Captured:
     inputs: dict[int, fx.Node]  # id(batch tensor) -> placeholder
     output: fx.Node  # the loss node
     cache: dict[fx.Node, Any]
-    identity: set[fx.Node]  # dropout nodes that are identities (eval mode or p == 0)
-    skipped: set[fx.Node]  # grad-mode switches: nothing to do under no_grad
 
 
 def _mutated_args(node: fx.Node) -> list[fx.Node]:
@@ -193,31 +192,32 @@ def _trace(lent: Lent, traced: nn.Module, args: list[torch.Tensor], buffers: lis
     return gm
 
 
-def _classify(graph: fx.Graph) -> tuple[list[fx.Node], set[fx.Node], set[fx.Node]]:
-    """The nodes to evaluate, the dropouts that are identities, the grad-mode switches to skip; or refuse."""
-    identity: set[fx.Node] = set()
-    skipped: set[fx.Node] = set()
+def _classify(graph: fx.Graph) -> list[fx.Node]:
+    """The nodes to evaluate, or refuse. Grad-mode switches (nothing to do under no_grad) and dropouts
+    that are identities (eval mode or p == 0) are taken out of the graph."""
     nodes = []
-    for node in graph.nodes:
+    for node in list(graph.nodes):
         if node.op != "call_function":
             continue
         op = node.target
-        if op in _GRAD_MODE:
-            skipped.add(node)
+        if op in _GRAD_MODE and not node.users:
+            graph.erase_node(node)
             continue
         if op in _DROPOUTS:
             p, train = [*node.args, None, None][1:3]
             if train and p:
                 raise ConeUnavailableError(f"the forward draws random numbers ({op} in train mode)")
-            identity.add(node)
-        elif (
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+            continue
+        if (
             op is aten.scaled_dot_product_attention.default
             and _random_off(node, op)
             and not node.kwargs.get("enable_gqa")
         ):
-            node.target = _attention  # vmap has no batching rule for the fused CPU kernels: plain ops
+            node.target = attention  # vmap has no batching rule for the fused CPU kernels: plain ops
         elif op is aten.cross_entropy_loss.default:
-            node.target = _cross_entropy  # the fused kernel is slow on short rows under vmap: plain ops
+            node.target = cross_entropy  # the fused kernel is slow on short rows under vmap: plain ops
         elif isinstance(op, torch._ops.OpOverload):
             if torch.Tag.nondeterministic_seeded in op.tags and not _random_off(node, op):
                 raise ConeUnavailableError(f"the forward draws random numbers ({op})")
@@ -232,7 +232,7 @@ def _classify(graph: fx.Graph) -> tuple[list[fx.Node], set[fx.Node], set[fx.Node
         elif op not in _PYTHON_OPS:
             raise ConeUnavailableError(f"the captured graph calls {op!r}, which the cone engine does not evaluate")
         nodes.append(node)
-    return nodes, identity, skipped
+    return nodes
 
 
 def capture(lent: Lent, objective: Objective) -> Captured:
@@ -252,7 +252,7 @@ def capture(lent: Lent, objective: Objective) -> Captured:
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     names = dict(zip(placeholders, keys + [f"batch tensor {i}" for i in range(len(batch_tensors))]))
     _remove_mutations(graph, names)
-    nodes, identity, skipped = _classify(graph)
+    nodes = _classify(graph)
     (output,) = [n for n in graph.nodes if n.op == "output"]
     loss = output.args[0]
     if not isinstance(loss, fx.Node):
@@ -263,11 +263,11 @@ def capture(lent: Lent, objective: Objective) -> Captured:
             cache[node] = _attr(gm, str(node.target))
     by_name = dict(zip(keys[: len(params)], placeholders))
     by_id = {id(t): ph for ph, t in zip(placeholders[len(keys) :], batch_tensors)}
-    captured = Captured(gm, nodes, by_name, by_id, loss, cache, identity, skipped)
+    captured = Captured(gm, nodes, by_name, by_id, loss, cache)
     with torch.no_grad():
         lent.reset_buffers()
         try:
-            _evaluate(captured, nodes, cache)
+            _evaluate(nodes, cache)
         except Exception as exc:
             raise ConeUnavailableError(f"the captured graph could not be evaluated ({_first_line(exc)})") from None
     return captured
@@ -298,50 +298,6 @@ def _random_off(node: fx.Node, op: torch._ops.OpOverload) -> bool:
     return "dropout_p" in bound and bound["dropout_p"] == 0
 
 
-def _attention(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    attn_mask: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    is_causal: bool = False,
-    scale: float | None = None,
-    enable_gqa: bool = False,
-) -> torch.Tensor:
-    """``scaled_dot_product_attention`` without dropout, in plain ops (equal up to rounding)."""
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    scores = (q @ k.transpose(-2, -1)) * scale
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, -math.inf)
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return torch.softmax(scores, dim=-1) @ v
-
-
-def _cross_entropy(
-    logits: torch.Tensor,
-    target: torch.Tensor,
-    weight: torch.Tensor | None = None,
-    reduction: int = 1,
-    ignore_index: int = -100,
-    label_smoothing: float = 0.0,
-) -> torch.Tensor:
-    """``cross_entropy_loss`` of (N, C) logits and class indices in plain ops (equal up to rounding).
-
-    Anything else (class weights, label smoothing, probabilities, more dims) goes to the aten op.
-    """
-    plain = weight is None and label_smoothing == 0 and reduction in (1, 2)
-    if not plain or logits.dim() != 2 or target.dim() != 1 or target.is_floating_point():
-        return aten.cross_entropy_loss.default(logits, target, weight, reduction, ignore_index, label_smoothing)
-    top = logits.amax(-1, keepdim=True)
-    lse = (logits - top).exp().sum(-1).log() + top.squeeze(-1)
-    keep = target != ignore_index
-    picked = logits.gather(-1, torch.where(keep, target, 0).unsqueeze(-1)).squeeze(-1)
-    losses = torch.where(keep, lse - picked, 0.0)
-    return losses.sum() / keep.sum() if reduction == 1 else losses.sum()
-
-
 def _attr(module: nn.Module, target: str) -> Any:
     value: Any = module
     for part in target.split("."):
@@ -349,18 +305,17 @@ def _attr(module: nn.Module, target: str) -> Any:
     return value
 
 
-def _evaluate(captured: Captured, nodes: Sequence[fx.Node], env: dict[fx.Node, Any]) -> None:
+def _evaluate(nodes: Sequence[fx.Node], env: dict[fx.Node, Any]) -> None:
     """Evaluate `nodes` in order, reading and writing their values in `env`."""
-    identity, skipped = captured.identity, captured.skipped
     for node in nodes:
-        if node in skipped:
-            continue
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        if node in identity:
-            env[node] = args[0]
-            continue
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        env[node] = node.target(*args, **kwargs)  # type: ignore[operator]
+        env[node] = _call(node, env)
+
+
+def _call(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+    """One node's value from the values of its inputs in `env`."""
+    args = fx.node.map_arg(node.args, env.__getitem__)
+    kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+    return FASTER.get(node.target, node.target)(*args, **kwargs)  # type: ignore[operator]
 
 
 @dataclass
@@ -369,6 +324,16 @@ class _Update:
 
     node: fx.Node
     build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (flat indices, deltas) -> rows
+
+
+@dataclass
+class _Plan:
+    """How one target is evaluated: from its placeholder, or from a low-rank start."""
+
+    placeholder: fx.Node
+    cone: list[fx.Node]  # every node that depends on the target, in order
+    update: _Update | None
+    rest: list[fx.Node]  # the nodes that depend on the low-rank start (the cone when there is none)
 
 
 class ConeEngine(Engine):
@@ -384,28 +349,41 @@ class ConeEngine(Engine):
         tick: Tick = _noop,
         *,
         chunk_elements: int | None = None,
-        max_chunk: int = 256,
+        max_chunk: int = 8192,
+        cache_elements: int = 1 << 17,
         low_rank: bool = True,
     ) -> None:
         super().__init__(lent, objective, seed, tick)
         self.chunk_elements = chunk_elements
         self.max_chunk = max_chunk
+        self.cache_elements = cache_elements
         self.low_rank = low_rank
         self.captured = capture(lent, objective)
-        self._plans: dict[tuple[str, str], tuple[fx.Node | None, list[fx.Node], _Update | None]] = {}
+        self._plans: dict[tuple[str, str], _Plan] = {}
 
     @property
     def cached_loss(self) -> torch.Tensor:
         return torch.as_tensor(self.captured.cache[self.captured.output]).detach().to(torch.float64)
 
-    def chunk_size(self, target: Target) -> int:
-        """Rows per batched evaluation: the same rule as `VmapEngine.chunk_size`."""
+    def chunk_size(self, target: Target, cone: Sequence[fx.Node] = (), copies: bool = True) -> int:
+        """Rows per batched evaluation, from what one row of the cone holds.
+
+        All of a chunk's cone values are alive at once: they stay within the memory budget of
+        `VmapEngine.chunk_size`, and the largest of them within `cache_elements` (bigger chunks ran
+        slower on CPU once one value outgrew the cache). A cone of a few small values runs up to
+        `max_chunk` rows at once. `copies`: each row holds a perturbed copy of the whole target.
+        """
+        cache = self.captured.cache
+        sizes = [v.numel() for n in cone if isinstance(v := cache.get(n), torch.Tensor)]
+        if copies or not sizes:
+            sizes.append(target.tensor.numel())
         budget = self.chunk_elements or memory_budget(target.tensor.device) // target.tensor.element_size()
-        return max(1, min(self.max_chunk, budget // max(1, target.tensor.numel())))
+        rows = min(budget // max(1, sum(sizes)), self.cache_elements // max(1, max(sizes)))
+        return max(1, min(self.max_chunk, rows))
 
     # -- planning ---------------------------------------------------------------------------------
 
-    def _plan(self, target: Target) -> tuple[fx.Node | None, list[fx.Node], _Update | None]:
+    def _plan(self, target: Target) -> _Plan:
         key = (target.kind, target.name)
         if key not in self._plans:
             if target.kind == "parameter":
@@ -414,14 +392,10 @@ class ConeEngine(Engine):
                 ph = self.captured.inputs.get(id(target.tensor))
             if ph is None:
                 raise ConeUnavailableError(f"{target.name} is not an input of the captured graph")
-            reach = {ph}
-            cone = []
-            for node in self.captured.nodes:
-                if any(a in reach for a in node.all_input_nodes):
-                    reach.add(node)
-                    cone.append(node)
             update = self._low_rank(ph, target) if self.low_rank else None
-            self._plans[key] = (ph, cone, update)
+            cone = _downstream(self.captured.nodes, ph)
+            rest = _downstream(cone, update.node) if update is not None else cone
+            self._plans[key] = _Plan(ph, cone, update, rest)
         return self._plans[key]
 
     def _low_rank(self, ph: fx.Node, target: Target) -> _Update | None:
@@ -438,17 +412,16 @@ class ConeEngine(Engine):
     # -- evaluation -------------------------------------------------------------------------------
 
     def _cone_fn(self, seed: fx.Node, cone: list[fx.Node]) -> Callable[[torch.Tensor], torch.Tensor]:
-        captured, cache = self.captured, self.captured.cache
-        output = captured.output
-        rest = [n for n in cone if n is not seed]
+        """A chunk of rows: `seed` set to the rows' values, then every node downstream of it (`_rows`)."""
+        cache, output = self.captured.cache, self.captured.output
+        pool = Pool()
 
-        def row(value: torch.Tensor) -> torch.Tensor:
+        def rows(values: torch.Tensor) -> torch.Tensor:
             env = dict(cache)
-            env[seed] = value
-            _evaluate(captured, rest, env)
-            return env[output]
+            env[seed] = values
+            return run_rows(cone, env, seed, output, _call, cache, pool)
 
-        return row
+        return rows
 
     def _run_rows(
         self,
@@ -458,8 +431,7 @@ class ConeEngine(Engine):
         size: int,
         device: torch.device,
     ) -> torch.Tensor:
-        """``fn`` vmapped over rows ``make(start, stop)``, chunk by chunk (halved on out-of-memory)."""
-        batched = vmap(fn, randomness="same")
+        """``fn`` of rows ``make(start, stop)``, chunk by chunk (halved on out-of-memory)."""
         out = torch.empty(n, dtype=torch.float64, device=device)
         with torch.no_grad():
             start = 0
@@ -468,7 +440,7 @@ class ConeEngine(Engine):
                 self._prepare()
                 try:
                     with without_vmap_fallback():  # no C++ fallback warnings (see `_engines`)
-                        out[start:stop] = batched(make(start, stop))
+                        out[start:stop] = fn(make(start, stop))
                 except torch.OutOfMemoryError:
                     if size == 1:
                         raise
@@ -487,20 +459,20 @@ class ConeEngine(Engine):
         return out
 
     def losses(self, target: Target, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-        ph, cone, update = self._plan(target)
-        flat = target.flat
+        plan = self._plan(target)
+        flat, update = target.flat, plan.update
         n = len(index)
-        if not cone or n == 0:
+        if not plan.cone or n == 0:
             return self._constant(n, flat.device)
-        size = min(self.chunk_size(target), n)
         if update is not None:
+            size = min(self.chunk_size(target, [update.node, *plan.rest], copies=False), n)
             deltas = values.to(torch.float64) - flat[index].to(torch.float64)
-            fn = self._cone_fn(update.node, cone)
+            fn = self._cone_fn(update.node, plan.rest)
             return self._run_rows(fn, lambda a, b: update.build(index[a:b], deltas[a:b]), n, size, flat.device)
-        assert ph is not None
+        size = min(self.chunk_size(target, plan.cone), n)
         rows = flat.expand(size, flat.numel()).clone()
         diagonal = torch.arange(size, device=flat.device)
-        fn = self._cone_fn(ph, cone)
+        fn = self._cone_fn(plan.placeholder, plan.cone)
 
         last: list[
             torch.Tensor
@@ -517,16 +489,26 @@ class ConeEngine(Engine):
         return self._run_rows(fn, make, n, size, flat.device)
 
     def losses_along(self, target: Target, deltas: torch.Tensor) -> torch.Tensor:
-        ph, cone, _ = self._plan(target)
+        plan = self._plan(target)
         flat = target.flat
         n = deltas.shape[0]
-        if not cone or n == 0:
+        if not plan.cone or n == 0:
             return self._constant(n, flat.device)
-        assert ph is not None
         rows = flat + deltas
-        fn = self._cone_fn(ph, cone)
-        size = self.chunk_size(target)
+        fn = self._cone_fn(plan.placeholder, plan.cone)
+        size = self.chunk_size(target, plan.cone)
         return self._run_rows(fn, lambda a, b: rows[a:b].view(b - a, *target.shape), n, size, flat.device)
+
+
+def _downstream(nodes: Sequence[fx.Node], seed: fx.Node) -> list[fx.Node]:
+    """The nodes that depend on `seed`, in evaluation order (`seed` itself excluded)."""
+    reach = {seed}
+    cone = []
+    for node in nodes:
+        if any(a in reach for a in node.all_input_nodes):
+            reach.add(node)
+            cone.append(node)
+    return cone
 
 
 def cone_agrees(loop: LoopEngine, target: Target, loss0: torch.Tensor, slack: float) -> tuple[Engine | None, str]:
@@ -637,7 +619,7 @@ def _next_linear(captured: Captured, column: _Column) -> _Update | None:
         r = column.which(index)
         zcol = zt[r] + column.change(index, deltas.to(zt.dtype))  # (k, M)
         for step in chain:  # pointwise, one tensor argument: the chain node itself
-            zcol = step.target(zcol, *step.args[1:])  # type: ignore[operator]
+            zcol = FASTER.get(step.target, step.target)(zcol, *step.args[1:])  # type: ignore[operator]
         diff = zcol - at[r]
         rows = out2.expand(len(index), *out2.shape).clone()  # contiguous, batch dim first: matmuls fold it
         rows.addcmul_(diff[:, :, None], wt[r][:, None, :])

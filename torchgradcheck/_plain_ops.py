@@ -1,0 +1,119 @@
+"""Plain-op forms of ops the cone engine evaluates many times, equal to the originals up to rounding.
+
+* `attention`: ``scaled_dot_product_attention`` without dropout. vmap has no batching rule for
+  torch's fused CPU kernels and would run them row by row.
+* `cross_entropy`: ``cross_entropy_loss`` of (N, C) logits and class indices. The fused kernel is
+  slow on short rows under vmap. `cross_entropy_rows` is the same formula with leading row dims.
+* `tanh`: ``expm1(2x) / (expm1(2x) + 2)``, 30 % faster than ``torch.tanh`` in float64 on CPU.
+* `tanh_near`: ``tanh(z + d)`` from the cached ``t = tanh(z)`` for the tiny ``d`` of a perturbed
+  row: a cubic in ``d``, 3.5x faster than ``torch.tanh`` in float64 on CPU.
+
+The dense layers of a cone are mostly tanh in the models that use it; on CUDA ``torch.tanh`` is one
+memory-bound kernel, so both tanh forms are CPU-only.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["FASTER", "NEAR", "attention", "cross_entropy", "cross_entropy_rows", "tanh", "tanh_near"]
+
+aten = torch.ops.aten
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: float | None = None,
+    enable_gqa: bool = False,
+) -> torch.Tensor:
+    """``scaled_dot_product_attention`` without dropout, in plain ops (right-aligned: leading dims broadcast)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, -math.inf)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, -math.inf) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def plain_cross_entropy(weight: Any, reduction: Any, label_smoothing: Any, target: torch.Tensor) -> bool:
+    """True when `cross_entropy_rows` computes this call: no class weights or smoothing, class indices."""
+    plain = weight is None and label_smoothing == 0 and reduction in (1, 2)
+    return plain and target.dim() == 1 and not target.is_floating_point()
+
+
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    reduction: int = 1,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+) -> torch.Tensor:
+    """``cross_entropy_loss`` of (N, C) logits and class indices in plain ops; anything else: the aten op."""
+    if logits.dim() != 2 or not plain_cross_entropy(weight, reduction, label_smoothing, target):
+        return aten.cross_entropy_loss.default(logits, target, weight, reduction, ignore_index, label_smoothing)
+    return cross_entropy_rows(logits, target, reduction, ignore_index)
+
+
+def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, reduction: int, ignore_index: int) -> torch.Tensor:
+    """Mean (``reduction=1``) or sum of the cross-entropy of ``(..., N, C)`` logits; one loss per leading index."""
+    top = logits.amax(-1, keepdim=True)
+    lse = (logits - top).exp().sum(-1).log() + top.squeeze(-1)
+    keep = target != ignore_index
+    index = torch.where(keep, target, 0).expand(logits.shape[:-1]).unsqueeze(-1)
+    losses = torch.where(keep, lse - logits.gather(-1, index).squeeze(-1), 0.0)
+    return losses.sum(-1) / keep.sum() if reduction == 1 else losses.sum(-1)
+
+
+def tanh(x: torch.Tensor) -> torch.Tensor:
+    """``tanh`` as ``expm1(2x) / (expm1(2x) + 2)``: within 2 ulp of ``torch.tanh``, 30 % faster in float64 on CPU.
+
+    ``|x| > 20`` is clamped first (``tanh(20)`` rounds to 1 in float64 and float32; no overflow).
+    Other dtypes: ``torch.tanh``.
+    """
+    if x.dtype not in (torch.float64, torch.float32) or x.device.type != "cpu":
+        return torch.tanh(x)
+    e = x.clamp(-20.0, 20.0).mul_(2.0).expm1_()
+    return e.div_(e + 2.0)
+
+
+NEAR_LIMIT = 1e-5  # |d| up to which the cubic of `tanh_near` is exact to rounding
+
+
+def tanh_near(
+    x: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, out: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor | None:
+    """``tanh(x)`` for rows ``x`` near ``x0``, from ``y0 = tanh(x0)``, into `out`; None when not near enough.
+
+    With ``d = x - x0``, ``t = y0``, ``q = 1 - t^2``:
+    ``tanh(x0 + d) = t + q d - t q d^2 + q (3 t^2 - 1) d^3 / 3 + O(d^4)``. The next term is at most
+    ``0.17 d^4`` (the fourth derivative of tanh over 24; it vanishes with ``t`` where the value itself
+    is small): below ``2e-21`` for ``|d| <= 1e-5``, far below the rounding of ``t``. Four
+    multiply-adds per element instead of an ``expm1``. `scratch` (like `x`) holds ``d``.
+    """
+    if x.device.type != "cpu" or x.dtype not in (torch.float64, torch.float32) or x0.dtype != x.dtype:
+        return None
+    d = torch.sub(x, x0, out=scratch)
+    low, high = torch.aminmax(d)
+    if not max(-float(low), float(high)) <= NEAR_LIMIT:  # also NaN or inf: evaluate tanh itself
+        return None
+    q = 1 - y0 * y0
+    cubic = q * (3 * y0 * y0 - 1) / 3
+    return torch.mul(d, cubic, out=out).sub_(y0 * q).mul_(d).add_(q).mul_(d).add_(y0)
+
+
+# Ops the cone evaluates with an equivalent faster formula.
+FASTER: dict[Any, Callable[..., Any]] = {aten.tanh.default: tanh}
+# Unary ops with a faster form for rows near a cached point: (rows, cached input, cached output, out, scratch).
+NEAR: dict[Any, Callable[..., torch.Tensor | None]] = {aten.tanh.default: tanh_near}

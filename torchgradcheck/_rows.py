@@ -73,13 +73,22 @@ def _near(node: fx.Node, env: dict[fx.Node, Any], batched: set[fx.Node], cache: 
 
 
 def _plain(node: fx.Node, env: dict[fx.Node, Any], batched: set[fx.Node], pool: Pool) -> Any:
+    if node.target is aten.broadcast_tensors.default and not node.kwargs:
+        return _broadcast([env[a] for a in node.args[0]], [a in batched for a in node.args[0]])
     rule = _rule(node.target)
     if rule is None or node.kwargs:
         return _NO
     if any(isinstance(a, (list, tuple)) and any(isinstance(x, fx.Node) for x in a) for a in node.args):
-        return _NO  # lists of tensors (cat, stack, broadcast_tensors)
+        return _NO  # other lists of tensors (cat, stack)
     args = [env[a] if isinstance(a, fx.Node) else a for a in node.args]
     return rule(args, [isinstance(a, fx.Node) and a in batched for a in node.args], pool)
+
+
+def _broadcast(tensors: list[torch.Tensor], flags: list[bool]) -> list[torch.Tensor]:
+    """``broadcast_tensors``: every output gets the row dim (the node's outputs are all batched)."""
+    k = next(t.shape[0] for t, f in zip(tensors, flags) if f)
+    shape = torch.broadcast_shapes(*[t.shape[1:] if f else t.shape for t, f in zip(tensors, flags)])
+    return [(_lift(t, len(shape)) if f else t).expand(k, *shape) for t, f in zip(tensors, flags)]
 
 
 def _vmap_rest(
@@ -268,6 +277,17 @@ def _reduction(op: Any) -> Rule:
     return apply
 
 
+def _total(method: str) -> Rule:
+    """``sum`` / ``mean`` over every dim: one value per row."""
+
+    def apply(args: list[Any], flags: list[bool], pool: Pool) -> Any:
+        if len(args) != 1 or not flags[0]:
+            return _NO
+        return getattr(args[0].reshape(args[0].shape[0], -1), method)(-1)
+
+    return apply
+
+
 def _folded(op: Any, least: int) -> Rule:
     """conv2d, eval-mode batch_norm, adaptive pooling: rows folded into the batch dim N (rank >= `least`)."""
 
@@ -328,6 +348,8 @@ def _install() -> None:
     _install_views()
     for op in (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.logsumexp.default):
         _RULES[op] = _reduction(op)
+    _RULES[aten.sum.default] = _total("sum")
+    _RULES[aten.mean.default] = _total("mean")
     _RULES[aten.conv2d.default] = _folded(aten.conv2d.default, 4)
     _RULES[aten.adaptive_avg_pool2d.default] = _folded(aten.adaptive_avg_pool2d.default, 4)
 

@@ -15,7 +15,15 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from torchgradcheck import _rows
 from torchgradcheck._cone import _downstream
-from torchgradcheck._plain_ops import NEAR_LIMIT, attention, cross_entropy, tanh, tanh_near
+from torchgradcheck._plain_ops import (
+    NEAR_LIMIT,
+    attention,
+    cross_entropy,
+    cross_entropy_near,
+    cross_entropy_rows,
+    tanh,
+    tanh_near,
+)
 from torchgradcheck._rows import Pool, run_rows
 
 aten = torch.ops.aten
@@ -102,6 +110,7 @@ PLAIN = {
         torch.randn(4, dtype=torch.float64),
     ),
     "matmul": (lambda x: (x @ W.T).tanh().sum(), _x(7, 4)),
+    "batched_weight": (lambda w, x: F.linear(x, w, B).sum(), _x(6, 4), torch.randn(2, 7, 4, dtype=torch.float64)),
     "layer_norm_mse": (
         lambda x, t: F.mse_loss(F.layer_norm(x, (4,)), t),
         _x(3, 4),
@@ -139,7 +148,6 @@ DECLINED = {
     # a 0-dim value with a row dim would promote differently: float64 scalar times float32 tensor
     "zero_dim_promotion": (lambda s, v: (s * v).sum(), _x(), torch.randn(3)),
     "reduce_every_dim": (lambda x: x.amax().exp(), _x(3, 4)),
-    "batched_weight": (lambda w, x: F.linear(x, w).sum(), _x(6, 4), torch.randn(7, 4, dtype=torch.float64)),
     "cat": (lambda x: torch.cat([x, x * 2]).sum(), _x(3)),
 }
 
@@ -185,14 +193,14 @@ def test_tanh_near_is_exact_to_rounding_up_to_its_limit_and_declines_beyond():
     for scale in (1e-9, 1e-7, NEAR_LIMIT):
         d = (torch.rand(3, x0.numel(), dtype=torch.float64) * 2 - 1) * scale
         x = x0 + d
-        got = tanh_near(x, x0, torch.tanh(x0), pool.take(x), pool.take(x))
+        got = tanh_near(x, x0, torch.tanh(x0), [], pool.take(x), pool.take(x))
         exact = [float(mpmath.tanh(mpmath.mpf(float(v)))) for v in x.reshape(-1)]
         assert _ulps(got.reshape(-1), exact, torch.float64) <= 2.0, scale
     far = x0 + 2 * NEAR_LIMIT
-    assert tanh_near(far, x0, torch.tanh(x0), torch.empty_like(far), torch.empty_like(far)) is None
+    assert tanh_near(far, x0, torch.tanh(x0), [], torch.empty_like(far), torch.empty_like(far)) is None
     bad = x0.clone()
     bad[3] = math.nan
-    assert tanh_near(bad, x0, torch.tanh(x0), torch.empty_like(bad), torch.empty_like(bad)) is None
+    assert tanh_near(bad, x0, torch.tanh(x0), [], torch.empty_like(bad), torch.empty_like(bad)) is None
 
 
 def test_the_fourth_derivative_bound_behind_tanh_near():
@@ -200,3 +208,23 @@ def test_the_fourth_derivative_bound_behind_tanh_near():
     mpmath.mp.dps = 30
     worst = max(abs(float(mpmath.diff(mpmath.tanh, mpmath.mpf(x) / 100, 4))) / 24 for x in range(-600, 601))
     assert 0.17 < worst <= 0.171
+
+
+@pytest.mark.parametrize("reduction", [1, 2])
+def test_cross_entropy_near_equals_the_plain_formula_to_rounding_and_declines_far_rows(reduction):
+    torch.manual_seed(0)
+    x0 = torch.randn(6, 5, dtype=torch.float64) * 3
+    target = torch.tensor([0, 4, -100, 2, 1, 3])  # one ignored sample
+    y0 = cross_entropy_rows(x0, target, reduction, -100)
+    pool = Pool()
+    for scale in (1e-9, NEAR_LIMIT):
+        x = x0 + (torch.rand(4, 6, 5, dtype=torch.float64) * 2 - 1) * scale
+        got = cross_entropy_near(x, x0, y0, [target, None, reduction], pool.take(x), pool.take(x))
+        want = cross_entropy_rows(x, target, reduction, -100)
+        torch.testing.assert_close(got, want, rtol=4 * 2**-52, atol=0)
+        assert not torch.equal(got, cross_entropy_rows(x0, target, reduction, -100).expand(4)), "rows moved"
+    far = x0 + 3 * NEAR_LIMIT
+    assert cross_entropy_near(far[None], x0, y0, [target], pool.take(far[None]), pool.take(far[None])) is None
+    smoothed = [target, None, reduction, -100, 0.1]  # label smoothing: not this formula
+    x = x0[None] + 1e-9
+    assert cross_entropy_near(x, x0, y0, smoothed, pool.take(x), pool.take(x)) is None

@@ -176,7 +176,7 @@ def _trace(lent: Lent, traced: nn.Module, args: list[torch.Tensor], buffers: lis
     lent.reset_buffers()
     before = [b.clone() for _, b in buffers]
     try:
-        with torch.enable_grad(), _quiet():
+        with torch.enable_grad(), _quiet(), _one_fake_mode():
             gm = make_fx(traced, pre_dispatch=True)(*args)
     except ConeUnavailableError:
         raise
@@ -273,6 +273,20 @@ def capture(lent: Lent, objective: Objective) -> Captured:
     return captured
 
 
+def _one_fake_mode() -> Any:
+    """A tracing context with one FakeTensorMode: ``make_fx`` then records each node's metadata with it
+    instead of creating a mode per node (a third of the capture time). A plain context where torch lacks it."""
+    import contextlib
+
+    try:
+        from torch._guards import TracingContext, tracing
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        return tracing(TracingContext(FakeTensorMode(allow_fallback_kernels=True)))
+    except Exception:  # pragma: no cover - torch versions without these internals
+        return contextlib.nullcontext()
+
+
 class _quiet:
     """Silence warnings that tracing itself raises (pytest runs with filterwarnings=error)."""
 
@@ -323,7 +337,7 @@ class _Update:
     """A low-rank start: the perturbed outputs of `node`, built from its cached output."""
 
     node: fx.Node
-    build: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (flat indices, deltas) -> rows
+    build: Callable[[torch.Tensor, torch.Tensor, Pool], torch.Tensor]  # (flat indices, deltas, buffers) -> rows
 
 
 @dataclass
@@ -468,7 +482,13 @@ class ConeEngine(Engine):
             size = min(self.chunk_size(target, [update.node, *plan.rest], copies=False), n)
             deltas = values.to(torch.float64) - flat[index].to(torch.float64)
             fn = self._cone_fn(update.node, plan.rest)
-            return self._run_rows(fn, lambda a, b: update.build(index[a:b], deltas[a:b]), n, size, flat.device)
+            starts = Pool()  # the rows of one chunk are dead once its losses are out: the next reuses them
+
+            def make(a: int, b: int) -> torch.Tensor:
+                starts.reset()
+                return update.build(index[a:b], deltas[a:b], starts)
+
+            return self._run_rows(fn, make, n, size, flat.device)
         size = min(self.chunk_size(target, plan.cone), n)
         rows = flat.expand(size, flat.numel()).clone()
         diagonal = torch.arange(size, device=flat.device)
@@ -574,12 +594,17 @@ class _Column:
     which: Callable[[torch.Tensor], torch.Tensor]  # flat element index -> column r
     change: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (index, deltas) -> dcol (k, M)
 
-    def rows(self, index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    def rows(self, index: torch.Tensor, deltas: torch.Tensor, pool: Pool) -> torch.Tensor:
         base2 = self.base.reshape(-1, self.base.shape[-1])
         k = len(index)
-        rows = base2.expand(k, *base2.shape).clone()
+        rows = _copies(pool, base2, k)
         rows[torch.arange(k, device=rows.device), :, self.which(index)] += self.change(index, deltas.to(rows.dtype))
         return rows.view(k, *self.base.shape)
+
+
+def _copies(pool: Pool, base: torch.Tensor, k: int) -> torch.Tensor:
+    """`k` copies of `base` in a buffer of `pool` (a fresh one per chunk costs page faults on CPU)."""
+    return pool.take(base, (k, *base.shape)).copy_(base)
 
 
 def _next_linear(captured: Captured, column: _Column) -> _Update | None:
@@ -615,13 +640,13 @@ def _next_linear(captured: Captured, column: _Column) -> _Update | None:
     wt = w.T.contiguous()
     out2 = base.reshape(-1, base.shape[-1])
 
-    def build(index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    def build(index: torch.Tensor, deltas: torch.Tensor, pool: Pool) -> torch.Tensor:
         r = column.which(index)
         zcol = zt[r] + column.change(index, deltas.to(zt.dtype))  # (k, M)
         for step in chain:  # pointwise, one tensor argument: the chain node itself
             zcol = FASTER.get(step.target, step.target)(zcol, *step.args[1:])  # type: ignore[operator]
         diff = zcol - at[r]
-        rows = out2.expand(len(index), *out2.shape).clone()  # contiguous, batch dim first: matmuls fold it
+        rows = _copies(pool, out2, len(index))  # contiguous, batch dim first: matmuls fold it
         rows.addcmul_(diff[:, :, None], wt[r][:, None, :])
         return rows.view(len(index), *base.shape)
 
@@ -665,12 +690,12 @@ def _conv2d_update(
         per_group = c_out // groups
         cols = cols.view(xb.shape[0], xb.shape[1] * kh * kw, *out.shape[2:])
 
-        def build(index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        def build(index: torch.Tensor, deltas: torch.Tensor, pool: Pool) -> torch.Tensor:
             o = index // (c_in_g * kh * kw)
             rest = index % (c_in_g * kh * kw)  # (i, p, q) within the group, channel-major like unfold
             col = (o // per_group) * (c_in_g * kh * kw) + rest
             k = len(index)
-            rows = out.expand(k, *out.shape).clone()
+            rows = _copies(pool, out, k)
             ar = torch.arange(k, device=rows.device)
             rows[ar, :, o] += deltas.to(rows.dtype).view(k, 1, 1, 1) * cols[:, col].transpose(0, 1)
             return rows if batched else rows.squeeze(1)
@@ -678,9 +703,9 @@ def _conv2d_update(
         return _Update(op_node, build)
     if b_node is source and w_node is not source and len(shape) == 1:
 
-        def build_bias(index: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+        def build_bias(index: torch.Tensor, deltas: torch.Tensor, pool: Pool) -> torch.Tensor:
             k = len(index)
-            rows = out.expand(k, *out.shape).clone()
+            rows = _copies(pool, out, k)
             rows[torch.arange(k, device=rows.device), :, index] += deltas.to(rows.dtype).view(k, 1, 1, 1)
             return rows if batched else rows.squeeze(1)
 

@@ -61,15 +61,18 @@ def run_rows(
 
 
 def _near(node: fx.Node, env: dict[fx.Node, Any], batched: set[fx.Node], cache: dict[fx.Node, Any], pool: Pool) -> Any:
-    """A unary op of rows near its cached input, from its cached output (`_plain_ops.NEAR`); or None."""
+    """An op of rows near its cached first input, from the cached values (`_plain_ops.NEAR`); or None."""
     form = NEAR.get(node.target)
-    if form is None or node.kwargs or len(node.args) != 1 or node.args[0] not in batched:
+    if form is None or node.kwargs or node.args[0] not in batched:
+        return None
+    if any(isinstance(a, fx.Node) and a in batched for a in node.args[1:]):
         return None
     x0, y0 = cache.get(node.args[0]), cache.get(node)
     if not isinstance(x0, torch.Tensor) or not isinstance(y0, torch.Tensor):
         return None
     x = env[node.args[0]]
-    return form(x, x0, y0, pool.take(x), pool.take(x))
+    rest = [env[a] if isinstance(a, fx.Node) else a for a in node.args[1:]]
+    return form(x, x0, y0, rest, pool.take(x), pool.take(x))
 
 
 def _plain(node: fx.Node, env: dict[fx.Node, Any], batched: set[fx.Node], pool: Pool) -> Any:
@@ -202,6 +205,9 @@ def _unbatched_rest(rule: Callable[..., Any]) -> Rule:
 def _linear(args: list[Any], flags: list[bool], pool: Pool) -> Any:
     x, w, *rest = args
     b = rest[0] if rest else None
+    if flags[1] and not flags[0] and w.dim() == 3:  # perturbed copies of the weight: one matmul per row
+        out = torch.matmul(x.reshape(-1, x.shape[-1]), w.transpose(-1, -2)).view(w.shape[0], *x.shape[:-1], -1)
+        return out if b is None else out + (_lift(b, out.dim() - 1) if flags[2] else b)
     if not flags[0] or any(flags[1:]) or w.dim() != 2:
         return _NO
     flat = x.reshape(-1, x.shape[-1])

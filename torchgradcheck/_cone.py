@@ -425,15 +425,19 @@ class ConeEngine(Engine):
 
     # -- evaluation -------------------------------------------------------------------------------
 
-    def _cone_fn(self, seed: fx.Node, cone: list[fx.Node]) -> Callable[[torch.Tensor], torch.Tensor]:
-        """A chunk of rows: `seed` set to the rows' values, then every node downstream of it (`_rows`)."""
+    def _cone_fn(self, seed: fx.Node, cone: list[fx.Node], near: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A chunk of rows: `seed` set to the rows' values, then every node downstream of it (`_rows`).
+
+        `near`: ops of rows close to the cached point may use their `_plain_ops.NEAR` forms, whose
+        rounding noise is lower (the cached value's own rounding cancels in a difference).
+        """
         cache, output = self.captured.cache, self.captured.output
         pool = Pool()
 
         def rows(values: torch.Tensor) -> torch.Tensor:
             env = dict(cache)
             env[seed] = values
-            return run_rows(cone, env, seed, output, _call, cache, pool)
+            return run_rows(cone, env, seed, output, _call, cache if near else {}, pool)
 
         return rows
 
@@ -515,7 +519,9 @@ class ConeEngine(Engine):
         if not plan.cone or n == 0:
             return self._constant(n, flat.device)
         rows = flat + deltas
-        fn = self._cone_fn(plan.placeholder, plan.cone)
+        # Not the NEAR forms: the noise measured along these rows (`_noise`) must not be lower than
+        # the noise of a first-pass row that is too far from the cached point for them.
+        fn = self._cone_fn(plan.placeholder, plan.cone, near=False)
         size = self.chunk_size(target, plan.cone)
         return self._run_rows(fn, lambda a, b: rows[a:b].view(b - a, *target.shape), n, size, flat.device)
 

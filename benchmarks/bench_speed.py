@@ -359,10 +359,11 @@ def _workload_rows(
         return t
 
     before = "vmap" if not w.random else "auto"  # train-mode models: vmap can't run them, the loop does
+    no_vmap = _vmap_refuses(w, device) if before == "vmap" else ""
     jobs: dict[str, Callable[[], float]] = {"floor": floor_job}
     if full:
         jobs["full auto"] = full_job("cone" if not w.random else "auto")
-        if before != "auto":
+        if before != "auto" and not no_vmap:
             jobs["full vmap"] = full_job(before)
     if slow:
         jobs["slow"] = slow_job
@@ -396,7 +397,8 @@ def _workload_rows(
         ("full vmap", f"torchgradcheck full, engine='{before}' (before)", before),
     ):
         if key not in med:
-            yield f"| {w.name} | {n:,} | {label} | - | skipped (N > {full_limit:,}) | | | | | |"
+            why = f"not run: {no_vmap}" if full and no_vmap else f"skipped (N > {full_limit:,})"
+            yield f"| {w.name} | {n:,} | {label} | - | {why} | | | | | |"
             continue
         ok, evals, engine = info[engine_name]
         bad, _, _, _ = _ours(w, device, True, mode="full", engine=engine_name)
@@ -420,10 +422,23 @@ def _workload_rows(
     )
     if summary is not None and "full auto" in med:
         text = f"{w.name}: full ({now}) {med['full auto']:.3f} s = {med['full auto'] / floor:.2f}x the naive floor"
-        text += f" (engine='{before}': {med['full vmap'] / floor:.2f}x)"
+        if "full vmap" in med:
+            text += f" (engine='{before}': {med['full vmap'] / floor:.2f}x)"
         if plain_slow:
             text += f"; {plain_slow / med['full auto']:.1f}x faster than gradcheck slow (plain)"
         summary.append(text)
+
+
+def _vmap_refuses(w: Workload, device: str) -> str:
+    """Why ``engine="vmap"`` can't check this workload ("" if it can): e.g. an op without a batching rule."""
+    from torchgradcheck import InvalidArgumentError
+
+    try:
+        _ours(w, device, False, mode="directional", engine="vmap")
+    except InvalidArgumentError as exc:
+        reason = str(exc).split("is not usable here: ")[-1].split("; use engine=")[0]
+        return reason.split(" (torch.library")[0]
+    return ""
 
 
 def not_measured(device: str) -> Iterator[str]:

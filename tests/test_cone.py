@@ -230,6 +230,48 @@ def test_cone_refuses_what_a_cached_graph_cannot_reproduce(model, words):
     assert_unchanged(before, model)
 
 
+class _ThroughData(nn.Module):
+    """``weight.data`` in the forward: a gradient that autograd drops. make_fx records that value as a
+    constant, so a cached graph would drop it from the finite differences as well and pass the bug."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return torch.tanh(x @ self.lin.weight.data.T + self.lin(x))
+
+
+def test_cone_refuses_a_graph_that_is_right_only_at_the_point(monkeypatch):
+    monkeypatch.setattr(_engines, "dynamo_imported", lambda: True)  # auto tries the cone whatever the plan
+    torch.manual_seed(0)
+    model, batch = _ThroughData(), torch.randn(4, 3)
+    before = snapshot(model)
+    with pytest.raises(InvalidArgumentError, match="gave a different loss at a moved point"):
+        verify_module(model, lambda out: out.pow(2).sum(), batch, engine="cone")
+    assert_unchanged(before, model)
+    report = verify_module(model, lambda out: out.pow(2).sum(), batch, mode="full", localise=False)
+    assert report.engine == "loop"
+    assert any("the cone engine gave a different loss at a moved point" in n for n in report.notes)
+    assert {r.name: r.status for r in report.results} == {"lin.weight": "mismatch", "lin.bias": "ok"}
+    worst = report.failures[0].worst[0]
+    assert worst.numerical == pytest.approx(2 * worst.analytical, rel=1e-6)  # the .data path counts twice
+    assert_unchanged(before, model)
+
+
+def test_cone_refuses_a_loss_that_differentiates_inside():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1, 6), nn.Tanh(), nn.Linear(6, 1))
+
+    def residual(model, x):  # u'(x) = cos(x): the loss calls torch.autograd.grad
+        x = x.clone().requires_grad_(True)
+        (du,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+        return ((du - torch.cos(x)) ** 2).mean()
+
+    with pytest.raises(InvalidArgumentError, match=r"differentiates inside \(torch.autograd.grad\)"):
+        verify_module(model, None, torch.linspace(-2, 2, 8).unsqueeze(1), forward=residual, engine="cone")
+
+
 def test_auto_prefers_the_cone_engine_for_big_plans_and_names_it(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2))

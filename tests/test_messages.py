@@ -14,7 +14,7 @@ from corpus import HandLinear
 from helpers import assert_unchanged, snapshot
 from torch import nn
 
-from torchgradcheck import GradientMismatchError, verify_module
+from torchgradcheck import GradientMismatchError, _engines, verify_module
 
 
 def _one_percent_off_at_3_7(gx, gw, gb):
@@ -133,13 +133,38 @@ def test_message_nondeterministic_forward_is_noted():
     assert f"  note: {notes[0]}" in str(report)
 
 
-def test_message_vmap_fallback_is_noted():
+def test_message_vmap_fallback_is_noted(monkeypatch):
+    monkeypatch.setattr(_engines, "dynamo_imported", lambda: False)  # a small plan: the cone is not tried
     model = nn.Sequential(HandLinear(3, 2), nn.Tanh())
     batch = torch.randn(4, 3)
     report = verify_module(model, lambda out: out.sum(), batch, engine="auto", mode="full")
     assert report.passed, str(report)
     assert report.engine == "loop"
     assert any(n.startswith("engine: loop, because vmap could not run the model (RuntimeError: ") for n in report.notes)
+
+
+def test_the_cone_engine_takes_over_from_the_loop_where_vmap_cannot_run_the_model(monkeypatch):
+    """An old-style autograd.Function has no vmap rule, but its forward is one graph of aten ops."""
+    monkeypatch.setattr(_engines, "dynamo_imported", lambda: True)  # as if make_fx's import were paid for
+    torch.manual_seed(0)
+    model = nn.Sequential(HandLinear(3, 2), nn.Tanh())
+    batch = torch.randn(4, 3)
+    report = verify_module(model, lambda out: out.sum(), batch, engine="auto", mode="full")
+    assert report.passed, str(report)
+    assert report.engine == "cone"
+    assert any(n.startswith("engine: loop, because vmap could not run the model (RuntimeError: ") for n in report.notes)
+
+    def one_element(gx, gw, gb):  # 1 % on weight[1, 2] of the hand-written backward
+        gw = gw.clone()
+        gw[1, 2] *= 1.01
+        return gx, gw, gb
+
+    buggy = nn.Sequential(HandLinear(3, 2, bug=one_element), nn.Tanh())
+    buggy.load_state_dict(model.state_dict())
+    caught = verify_module(buggy, lambda out: out.sum(), batch, engine="auto", mode="full")
+    assert caught.engine == "cone"
+    assert [r.name for r in caught.failures] == ["0.weight"], str(caught)
+    assert caught.failures[0].worst[0].index == (1, 2)
 
 
 def test_message_engine_vmap_refuses_with_the_fix():

@@ -3,15 +3,17 @@
 Perturbing a tensor changes nothing upstream of where it is first used. So the objective is
 captured once as a graph of aten ops (``make_fx`` with ``pre_dispatch=True``, over
 ``functional_call``: the user's model is not changed), evaluated once unperturbed, and every value
-is cached. For each target tensor only its downstream *cone* is re-evaluated, batched with
-``vmap`` over the perturbed rows (same chunking, buffer resets and reseeding as `VmapEngine`);
-every value outside the cone is read from the cache.
+is cached. For each target tensor only its downstream *cone* is re-evaluated, a chunk of perturbed
+rows at a time (chunks sized by the cone's values, buffer resets and reseeding as `VmapEngine`):
+in plain batched tensor ops where an op is batch-transparent, under ``vmap`` from the first op
+that is not (`_rows`). Every value outside the cone is read from the cache.
 
 Where the target's first consumer is linear in it (``linear`` weight or bias, ``conv2d`` weight or
 bias, ``matmul``/``mm`` right operand), one perturbed element changes that op's output by a
 low-rank term: ``W[r, c] += h`` changes output column ``r`` of ``linear`` by ``h * x[..., c]``. The
 perturbed outputs are then built from the cached one by a gather and a scaled add, with no matmul,
-and only the rest of the cone runs under vmap.
+and only the rest of the cone is evaluated. A changed column that passes through pointwise ops into
+a second Linear is one more rank-1 step (`_next_linear`).
 
 The engine refuses (`ConeUnavailableError`, with the reason) whatever a cached graph can't reproduce:
 a capture that fails (data-dependent control flow: ``if x.sum() > 0``, ``.item()``), random ops
@@ -540,12 +542,17 @@ def _downstream(nodes: Sequence[fx.Node], seed: fx.Node) -> list[fx.Node]:
 def cone_agrees(loop: LoopEngine, target: Target, loss0: torch.Tensor, slack: float) -> tuple[Engine | None, str]:
     """The cone engine if it can run this objective and reproduces the plain loss; else None and why not.
 
+    Reproduced means: at the point, and moved along one random direction of `target` (against the
+    loop engine), within `slack`. A graph that caught a value of the target as a constant (autograd's
+    saved tensors inside a loss that differentiates) gives the right loss at the point only.
     `_engines.choose_engine` gets this function from the module checks (`_check.start_engines`).
     """
+    if loop.objective.needs_grad:
+        return None, "the loss differentiates inside (torch.autograd.grad): the cone engine evaluates forwards only"
     try:
         cone = ConeEngine(loop.lent, loop.objective, loop.seed, loop.tick)
-        zero = torch.zeros(1, target.tensor.numel(), dtype=target.tensor.dtype, device=target.tensor.device)
-        value = cone.losses_along(target, zero)[0]
+        moves = _probe(target)
+        value, moved = cone.losses_along(target, moves)
     except ConeUnavailableError as exc:
         return None, f"the cone engine can't honour this model: {exc}"
     except Exception as exc:  # any error here means "use vmap"
@@ -553,7 +560,19 @@ def cone_agrees(loop: LoopEngine, target: Target, loss0: torch.Tensor, slack: fl
         return None, f"the cone engine could not run the model ({type(exc).__name__}: {first[:160]})"
     if not abs(float(value) - float(loss0)) <= slack:
         return None, f"the cone engine gave a different unperturbed loss ({float(value)!r} vs {float(loss0)!r})"
+    plain = loop.losses_along(target, moves[1:])[0]
+    if not abs(float(moved) - float(plain)) <= slack:
+        return None, f"the cone engine gave a different loss at a moved point ({float(moved)!r} vs {float(plain)!r})"
     return cone, ""
+
+
+def _probe(target: Target) -> torch.Tensor:
+    """Two rows for `cone_agrees`: no move, and a seeded random move of 1e-3 relative in every element."""
+    base = target.flat
+    generator = torch.Generator().manual_seed(12345)
+    signs = torch.randint(0, 2, (base.numel(),), generator=generator).to(base.device, base.dtype) * 2 - 1
+    move = signs * 1e-3 * base.abs().clamp(min=1.0)
+    return torch.stack([torch.zeros_like(move), move])
 
 
 # -- low-rank starts ------------------------------------------------------------------------------

@@ -349,21 +349,23 @@ class EngineSwitch:
                     self.used.append(following)
 
     def upgrade(self, planned: int) -> None:
-        """Under ``engine="auto"``, move from vmap to the cone engine when it pays for itself.
+        """Under ``engine="auto"``, move from vmap (or the loop) to the cone engine when it pays for itself.
 
         The cone engine needs ``torch._dynamo`` (imported by ``make_fx``: about 2 s, once per process),
         so it is tried when that is already paid for, or when the plan holds at least
-        `CONE_MIN_EVALUATIONS` evaluations. Its reason for declining is noted; vmap stays its fallback.
+        `CONE_MIN_EVALUATIONS` evaluations. It is tried from the loop too: a model vmap can't run
+        (fused attention without a batching rule, an old-style autograd.Function) may still be one
+        graph of aten ops. Its reason for declining is noted; the engine before it stays its fallback.
         """
         pending, self.cone_trial = self.cone_trial, None
-        if pending is None or self.engine.name != "vmap":
+        if pending is None or self.engine.name not in ("vmap", "loop"):
             return
         if planned < CONE_MIN_EVALUATIONS and not dynamo_imported():
             return
         trial, *args = pending
         found, why = trial(self.loop, *args)
         if found is None:
-            _note(self.notes, f"engine: vmap, because {why}")
+            _note(self.notes, f"engine: {self.engine.name}, because {why}")
             return
         self.engine, self.fallback = found, self.engine
         self.used.append(found)
@@ -417,7 +419,7 @@ def choose_engine(
         else:
             _note(notes, f"engine: loop, because {why}")
     switch = EngineSwitch(loop, engine, wanted in ("vmap", "cone"), notes)
-    if wanted == "auto" and cone and engine is not loop:
+    if wanted == "auto" and cone:
         switch.cone_trial = (cone, target, loss0, slack)
     return switch
 

@@ -19,9 +19,11 @@ from torchgradcheck._plain_ops import (
     NEAR_LIMIT,
     attention,
     cross_entropy,
+    cross_entropy_constants,
     cross_entropy_near,
     cross_entropy_rows,
     tanh,
+    tanh_constants,
     tanh_near,
 )
 from torchgradcheck._rows import Pool, run_rows
@@ -193,14 +195,15 @@ def test_tanh_near_is_exact_to_rounding_up_to_its_limit_and_declines_beyond():
     for scale in (1e-9, 1e-7, NEAR_LIMIT):
         d = (torch.rand(3, x0.numel(), dtype=torch.float64) * 2 - 1) * scale
         x = x0 + d
-        got = tanh_near(x, x0, torch.tanh(x0), [], pool.take(x), pool.take(x))
+        got = tanh_near(x, x0, tanh_constants(x0, torch.tanh(x0), []), pool.take(x), pool.take(x))
         exact = [float(mpmath.tanh(mpmath.mpf(float(v)))) for v in x.reshape(-1)]
         assert _ulps(got.reshape(-1), exact, torch.float64) <= 2.0, scale
+    constants = tanh_constants(x0, torch.tanh(x0), [])
     far = x0 + 2 * NEAR_LIMIT
-    assert tanh_near(far, x0, torch.tanh(x0), [], torch.empty_like(far), torch.empty_like(far)) is None
+    assert tanh_near(far, x0, constants, torch.empty_like(far), torch.empty_like(far)) is None
     bad = x0.clone()
     bad[3] = math.nan
-    assert tanh_near(bad, x0, torch.tanh(x0), [], torch.empty_like(bad), torch.empty_like(bad)) is None
+    assert tanh_near(bad, x0, constants, torch.empty_like(bad), torch.empty_like(bad)) is None
 
 
 def test_the_fourth_derivative_bound_behind_tanh_near():
@@ -219,12 +222,13 @@ def test_cross_entropy_near_equals_the_plain_formula_to_rounding_and_declines_fa
     pool = Pool()
     for scale in (1e-9, NEAR_LIMIT):
         x = x0 + (torch.rand(4, 6, 5, dtype=torch.float64) * 2 - 1) * scale
-        got = cross_entropy_near(x, x0, y0, [target, None, reduction], pool.take(x), pool.take(x))
+        constants = cross_entropy_constants(x0, y0, [target, None, reduction])
+        got = cross_entropy_near(x, x0, constants, pool.take(x), pool.take(x))
         want = cross_entropy_rows(x, target, reduction, -100)
         torch.testing.assert_close(got, want, rtol=4 * 2**-52, atol=0)
         assert not torch.equal(got, cross_entropy_rows(x0, target, reduction, -100).expand(4)), "rows moved"
     far = x0 + 3 * NEAR_LIMIT
-    assert cross_entropy_near(far[None], x0, y0, [target], pool.take(far[None]), pool.take(far[None])) is None
+    constants = cross_entropy_constants(x0, y0, [target])
+    assert cross_entropy_near(far[None], x0, constants, pool.take(far[None]), pool.take(far[None])) is None
     smoothed = [target, None, reduction, -100, 0.1]  # label smoothing: not this formula
-    x = x0[None] + 1e-9
-    assert cross_entropy_near(x, x0, y0, smoothed, pool.take(x), pool.take(x)) is None
+    assert cross_entropy_constants(x0, y0, smoothed) is None

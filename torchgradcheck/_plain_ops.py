@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -24,11 +25,14 @@ import torch
 __all__ = [
     "FASTER",
     "NEAR",
+    "NearForm",
     "attention",
     "cross_entropy",
+    "cross_entropy_constants",
     "cross_entropy_near",
     "cross_entropy_rows",
     "tanh",
+    "tanh_constants",
     "tanh_near",
 ]
 
@@ -101,12 +105,18 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
 NEAR_LIMIT = 1e-5  # |d| up to which the cubic of `tanh_near` is exact to rounding
 
 
-def tanh_near(
-    x: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, rest: list[Any], out: torch.Tensor, scratch: torch.Tensor
-) -> torch.Tensor | None:
-    """``tanh(x)`` for rows ``x`` near ``x0``, from ``y0 = tanh(x0)``, into `out`; None when not near enough.
+def tanh_constants(x0: torch.Tensor, y0: torch.Tensor, rest: list[Any]) -> tuple[torch.Tensor, ...]:
+    """What `tanh_near` needs of the cached point, once per node: ``t``, ``q = 1 - t^2``, ``t q``, the cubic."""
+    q = 1 - y0 * y0
+    return y0, q, y0 * q, q * (3 * y0 * y0 - 1) / 3
 
-    With ``d = x - x0``, ``t = y0``, ``q = 1 - t^2``:
+
+def tanh_near(
+    x: torch.Tensor, x0: torch.Tensor, constants: tuple[torch.Tensor, ...], out: torch.Tensor, scratch: torch.Tensor
+) -> torch.Tensor | None:
+    """``tanh(x)`` for rows ``x`` near ``x0``, into `out`; None when a row is not near enough.
+
+    With ``d = x - x0``, ``t = tanh(x0)``, ``q = 1 - t^2``:
     ``tanh(x0 + d) = t + q d - t q d^2 + q (3 t^2 - 1) d^3 / 3 + O(d^4)``. The next term is at most
     ``0.171 d^4`` (the fourth derivative of tanh over 24; it vanishes with ``t`` where the value itself
     is small): below ``2e-21`` for ``|d| <= 1e-5``, far below the rounding of ``t``. Four
@@ -115,9 +125,8 @@ def tanh_near(
     d = _near_difference(x, x0, scratch)
     if d is None:
         return None
-    q = 1 - y0 * y0
-    cubic = q * (3 * y0 * y0 - 1) / 3
-    return torch.mul(d, cubic, out=out).sub_(y0 * q).mul_(d).add_(q).mul_(d).add_(y0)
+    t, q, tq, cubic = constants
+    return torch.mul(d, cubic, out=out).sub_(tq).mul_(d).add_(q).mul_(d).add_(t)
 
 
 def _near_difference(x: torch.Tensor, x0: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
@@ -131,8 +140,20 @@ def _near_difference(x: torch.Tensor, x0: torch.Tensor, out: torch.Tensor) -> to
     return d
 
 
+def cross_entropy_constants(x0: torch.Tensor, y0: torch.Tensor, rest: list[Any]) -> tuple[Any, ...] | None:
+    """What `cross_entropy_near` needs of the cached logits ``(N, C)`` and the targets; None: not this formula."""
+    target, *options = rest
+    weight, reduction, ignore_index, smoothing = (options + [None, 1, -100, 0.0][len(options) :])[:4]
+    if x0.dim() != 2 or not plain_cross_entropy(weight, reduction, smoothing, target):
+        return None
+    keep = target != ignore_index
+    index = torch.where(keep, target, 0)
+    count = keep.sum() if reduction == 1 else None
+    return torch.softmax(x0, -1), torch.logsumexp(x0, -1), keep, index, count
+
+
 def cross_entropy_near(
-    x: torch.Tensor, x0: torch.Tensor, y0: torch.Tensor, rest: list[Any], out: torch.Tensor, scratch: torch.Tensor
+    x: torch.Tensor, x0: torch.Tensor, constants: tuple[Any, ...], out: torch.Tensor, scratch: torch.Tensor
 ) -> torch.Tensor | None:
     """`cross_entropy` of rows of logits ``x`` near ``x0`` (``(k, N, C)``, class indices); None otherwise.
 
@@ -140,23 +161,35 @@ def cross_entropy_near(
     as ``d + d^2/2 + d^3/6``: the next term is ``d^4/24 <= 5e-22`` for ``|d| <= 1e-5``, far below
     rounding. Four multiply-adds per logit instead of the row max and an ``exp``.
     """
-    target, *options = rest
-    weight, reduction, ignore_index, smoothing = (options + [None, 1, -100, 0.0][len(options) :])[:4]
-    if x.dim() != 3 or x0.dim() != 2 or not plain_cross_entropy(weight, reduction, smoothing, target):
+    if x.dim() != 3:
         return None
     d = _near_difference(x, x0, scratch)
     if d is None:
         return None
+    p, lse0, keep, index, count = constants
     expm1 = torch.mul(d, 1 / 6, out=out).add_(0.5).mul_(d).add_(1.0).mul_(d)
-    lse = expm1.mul_(torch.softmax(x0, -1)).sum(-1).log1p_().add_(torch.logsumexp(x0, -1))
-    keep = target != ignore_index
-    index = torch.where(keep, target, 0).expand(x.shape[:-1]).unsqueeze(-1)
-    losses = torch.where(keep, lse - x.gather(-1, index).squeeze(-1), 0.0)
-    return losses.sum(-1) / keep.sum() if reduction == 1 else losses.sum(-1)
+    lse = expm1.mul_(p).sum(-1).log1p_().add_(lse0)
+    picked = x.gather(-1, index.expand(x.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    losses = torch.where(keep, lse - picked, 0.0)
+    return losses.sum(-1) / count if count is not None else losses.sum(-1)
+
+
+@dataclass(frozen=True)
+class NearForm:
+    """A faster form of an op for rows near the cached point.
+
+    ``constants(x0, y0, rest)``: what it needs of the cached first input ``x0``, the cached output
+    ``y0`` and the other inputs, once per node (None: not applicable). ``rows(x, x0, constants, out,
+    scratch)``: the op of the rows ``x``, into `out`, or None when a row is not near enough.
+    """
+
+    constants: Callable[[torch.Tensor, torch.Tensor, list[Any]], Any]
+    rows: Callable[..., torch.Tensor | None]
 
 
 # Ops the cone evaluates with an equivalent faster formula.
 FASTER: dict[Any, Callable[..., Any]] = {aten.tanh.default: tanh}
-# Ops with a faster form for rows near the cached point:
-# (rows of the first input, its cached value, the cached output, the other inputs, out, scratch).
-NEAR: dict[Any, Callable[..., torch.Tensor | None]] = {aten.tanh.default: tanh_near, cross_entropy: cross_entropy_near}
+NEAR: dict[Any, NearForm] = {
+    aten.tanh.default: NearForm(tanh_constants, tanh_near),
+    cross_entropy: NearForm(cross_entropy_constants, cross_entropy_near),
+}

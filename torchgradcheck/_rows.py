@@ -61,18 +61,23 @@ def run_rows(
 
 
 def _near(node: fx.Node, env: dict[fx.Node, Any], batched: set[fx.Node], cache: dict[fx.Node, Any], pool: Pool) -> Any:
-    """An op of rows near its cached first input, from the cached values (`_plain_ops.NEAR`); or None."""
+    """An op of rows near its cached first input, in its `_plain_ops.NEAR` form; or None."""
     form = NEAR.get(node.target)
     if form is None or node.kwargs or node.args[0] not in batched:
         return None
     if any(isinstance(a, fx.Node) and a in batched for a in node.args[1:]):
         return None
-    x0, y0 = cache.get(node.args[0]), cache.get(node)
-    if not isinstance(x0, torch.Tensor) or not isinstance(y0, torch.Tensor):
+    x0 = cache.get(node.args[0])
+    if node not in pool.constants:  # the other inputs are not in the cone: cached values, fixed
+        y0 = cache.get(node)
+        known = isinstance(x0, torch.Tensor) and isinstance(y0, torch.Tensor)
+        rest = [env[a] if isinstance(a, fx.Node) else a for a in node.args[1:]]
+        pool.constants[node] = form.constants(x0, y0, rest) if known else None
+    constants = pool.constants[node]
+    if constants is None:
         return None
     x = env[node.args[0]]
-    rest = [env[a] if isinstance(a, fx.Node) else a for a in node.args[1:]]
-    return form(x, x0, y0, rest, pool.take(x), pool.take(x))
+    return form.rows(x, x0, constants, pool.take(x), pool.take(x))
 
 
 def _plain(node: fx.Node, env: dict[fx.Node, Any], batched: set[fx.Node], pool: Pool) -> Any:
@@ -122,6 +127,7 @@ class Pool:
     def __init__(self) -> None:
         self.free: dict[tuple[Any, ...], list[torch.Tensor]] = {}
         self.lent: dict[tuple[Any, ...], int] = {}
+        self.constants: dict[fx.Node, Any] = {}  # per node, what its NEAR form needs of the cached point
 
     def reset(self) -> None:
         self.lent.clear()
@@ -203,20 +209,29 @@ def _unbatched_rest(rule: Callable[..., Any]) -> Rule:
 
 @_rules(aten.linear.default)
 def _linear(args: list[Any], flags: list[bool], pool: Pool) -> Any:
+    """Rows of the input (one GEMM, bias fused), of the weight (one matmul per row), or of the bias."""
     x, w, *rest = args
     b = rest[0] if rest else None
-    if flags[1] and not flags[0] and w.dim() == 3:  # perturbed copies of the weight: one matmul per row
+    moved_x, moved_w, moved_b = [*flags, False][:3]
+    if moved_w:
+        if moved_x or w.dim() != 3:
+            return _NO
         out = torch.matmul(x.reshape(-1, x.shape[-1]), w.transpose(-1, -2)).view(w.shape[0], *x.shape[:-1], -1)
-        return out if b is None else out + (_lift(b, out.dim() - 1) if flags[2] else b)
-    if not flags[0] or any(flags[1:]) or w.dim() != 2:
-        return _NO
-    flat = x.reshape(-1, x.shape[-1])
-    out = pool.take(flat, (flat.shape[0], w.shape[0]))
-    if b is not None:
-        torch.addmm(b, flat, w.t(), out=out)  # one GEMM, bias fused
-    else:
+    elif moved_x:
+        if w.dim() != 2:
+            return _NO
+        flat = x.reshape(-1, x.shape[-1])
+        out = pool.take(flat, (flat.shape[0], w.shape[0]))
+        if b is not None and not moved_b:
+            torch.addmm(b, flat, w.t(), out=out)
+            return out.view(*x.shape[:-1], w.shape[0])
         torch.mm(flat, w.t(), out=out)
-    return out.view(*x.shape[:-1], w.shape[0])
+        out = out.view(*x.shape[:-1], w.shape[0])
+    else:
+        out = torch.nn.functional.linear(x, w)  # the same for every row: only the bias moves
+    if b is None:
+        return out
+    return out + (_lift(b, out.dim() - 1 if moved_x or moved_w else out.dim()) if moved_b else b)
 
 
 @_rules(aten.matmul.default, aten.mm.default)

@@ -132,6 +132,41 @@ def test_cone_uses_low_rank_starts_where_the_first_consumer_is_linear():
     assert plans["3.weight"] is None  # layer_norm is not linear in its weight's consumer output: plain cone
 
 
+def test_the_start_through_tanh_into_a_third_linear_equals_vmap_near_and_falls_back_far():
+    """Rows near the point: the third Linear's output from the per-column sums (no tanh, no matmul);
+    rows too far for the cubic of tanh: the rank-1 start at the second Linear. Both equal vmap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 6), nn.Tanh(), nn.Linear(6, 4), nn.Tanh(), nn.Linear(4, 3)
+    )
+    batch = (torch.randn(9, 5), torch.randint(0, 3, (9,)))
+    with preserved_global_state(), lend_model(model, torch.float64) as lent:
+        objective = Objective(F.cross_entropy, convert_batch(batch, torch.float64), None)
+        cone, vmap = ConeEngine(lent, objective, 0, max_chunk=7), VmapEngine(lent, objective, 0)
+        starts = {}
+        for name, p in model.named_parameters():
+            update = cone._plan(Target(name, p.data, param=p)).update
+            starts[name] = [update.node.name, update.fallback.node.name if update.fallback else None]
+            built = []
+            near = update.build
+            update.build = lambda i, d, pool, near=near, built=built: built.append(r := near(i, d, pool)) or r
+            target = Target(name, p.data, param=p)
+            index = torch.arange(p.numel())
+            for step, is_near in ((1e-7, True), (-1e-7, True), (1e-2, False)):
+                built.clear()
+                values = target.flat + step
+                a, b = cone.losses(target, index, values), vmap.losses(target, index, values)
+                atol = 64 * 2**-53 * max(1.0, abs(float(cone.cached_loss)))
+                torch.testing.assert_close(a, b, rtol=0, atol=atol, msg=f"{name} step {step}")
+                if update.fallback is not None:
+                    assert all((r is not None) == is_near for r in built), (name, step)
+            update.build = near
+    assert starts["0.weight"] == ["linear_2", "linear_1"]  # through tanh into the third Linear
+    assert starts["2.weight"] == ["linear_3", "linear_2"]
+    assert starts["4.weight"] == ["linear_3", None]  # the last Linear: one rank-1 step, nothing after it
+    assert starts["6.weight"] == ["linear_3", None]
+
+
 _CASES = sorted(BUGS) + sorted(CORRECT) + sorted(MORE) + [pytest.param(c, marks=pytest.mark.slow) for c in sorted(DEEP)]
 
 

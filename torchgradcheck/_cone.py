@@ -13,7 +13,7 @@ bias, ``matmul``/``mm`` right operand), one perturbed element changes that op's 
 low-rank term: ``W[r, c] += h`` changes output column ``r`` of ``linear`` by ``h * x[..., c]``. The
 perturbed outputs are then built from the cached one by a gather and a scaled add, with no matmul,
 and only the rest of the cone is evaluated. A changed column that passes through pointwise ops into
-a second Linear is one more rank-1 step (`_next_linear`).
+a second Linear is one more rank-1 step, and through a tanh into a third Linear one more (`_low_rank`).
 
 The engine refuses (`ConeUnavailableError`, with the reason) whatever a cached graph can't reproduce:
 a capture that fails (data-dependent control flow: ``if x.sum() > 0``, ``.item()``), random ops
@@ -37,6 +37,7 @@ from torch.utils import _pytree as pytree
 
 from ._batch import Objective
 from ._engines import Engine, LoopEngine, memory_budget, without_vmap_fallback
+from ._low_rank import Update, linear_update
 from ._params import Lent, Target
 from ._plain_ops import FASTER, attention, cross_entropy
 from ._rows import Pool, run_rows
@@ -335,21 +336,13 @@ def _call(node: fx.Node, env: dict[fx.Node, Any]) -> Any:
 
 
 @dataclass
-class _Update:
-    """A low-rank start: the perturbed outputs of `node`, built from its cached output."""
-
-    node: fx.Node
-    build: Callable[[torch.Tensor, torch.Tensor, Pool], torch.Tensor]  # (flat indices, deltas, buffers) -> rows
-
-
-@dataclass
 class _Plan:
     """How one target is evaluated: from its placeholder, or from a low-rank start."""
 
     placeholder: fx.Node
     cone: list[fx.Node]  # every node that depends on the target, in order
-    update: _Update | None
-    rest: list[fx.Node]  # the nodes that depend on the low-rank start (the cone when there is none)
+    update: Update | None
+    rests: dict[fx.Node, list[fx.Node]]  # per low-rank start (and its fallbacks): the nodes that depend on it
 
 
 class ConeEngine(Engine):
@@ -410,11 +403,11 @@ class ConeEngine(Engine):
                 raise ConeUnavailableError(f"{target.name} is not an input of the captured graph")
             update = self._low_rank(ph, target) if self.low_rank else None
             cone = _downstream(self.captured.nodes, ph)
-            rest = _downstream(cone, update.node) if update is not None else cone
-            self._plans[key] = _Plan(ph, cone, update, rest)
+            rests = {u.node: _downstream(cone, u.node) for u in _starts(update)}
+            self._plans[key] = _Plan(ph, cone, update, rests)
         return self._plans[key]
 
-    def _low_rank(self, ph: fx.Node, target: Target) -> _Update | None:
+    def _low_rank(self, ph: fx.Node, target: Target) -> Update | None:
         """A gather-and-add start when the target's only consumer is linear in it."""
         node = ph
         while len(node.users) == 1:
@@ -422,7 +415,7 @@ class ConeEngine(Engine):
             if user.target in _PASS_THROUGH and user.args[0] is node and not user.kwargs:
                 node = user
                 continue
-            return _linear_update(self.captured, node, user, target)
+            return linear_update(self.captured.cache, node, user, target.shape)
         return None
 
     # -- evaluation -------------------------------------------------------------------------------
@@ -445,8 +438,8 @@ class ConeEngine(Engine):
 
     def _run_rows(
         self,
-        fn: Callable[[torch.Tensor], torch.Tensor],
-        make: Callable[[int, int], torch.Tensor],
+        fn: Callable[[Any], torch.Tensor],
+        make: Callable[[int, int], Any],
         n: int,
         size: int,
         device: torch.device,
@@ -485,16 +478,7 @@ class ConeEngine(Engine):
         if not plan.cone or n == 0:
             return self._constant(n, flat.device)
         if update is not None:
-            size = min(self.chunk_size(target, [update.node, *plan.rest], copies=False), n)
-            deltas = values.to(torch.float64) - flat[index].to(torch.float64)
-            fn = self._cone_fn(update.node, plan.rest)
-            starts = Pool()  # the rows of one chunk are dead once its losses are out: the next reuses them
-
-            def make(a: int, b: int) -> torch.Tensor:
-                starts.reset()
-                return update.build(index[a:b], deltas[a:b], starts)
-
-            return self._run_rows(fn, make, n, size, flat.device)
+            return self._low_rank_losses(plan, update, target, index, values)
         size = min(self.chunk_size(target, plan.cone), n)
         rows = flat.expand(size, flat.numel()).clone()
         diagonal = torch.arange(size, device=flat.device)
@@ -514,6 +498,27 @@ class ConeEngine(Engine):
 
         return self._run_rows(fn, make, n, size, flat.device)
 
+    def _low_rank_losses(
+        self, plan: _Plan, update: Update, target: Target, index: torch.Tensor, values: torch.Tensor
+    ) -> torch.Tensor:
+        """Rows built by the low-rank start, chunk by chunk; a chunk it can't build goes to its fallback."""
+        flat, n = target.flat, len(index)
+        starts = _starts(update)
+        size = min(min(self.chunk_size(target, [u.node, *plan.rests[u.node]], copies=False) for u in starts), n)
+        deltas = values.to(torch.float64) - flat[index].to(torch.float64)
+        fns = {u.node: self._cone_fn(u.node, plan.rests[u.node]) for u in starts}
+        buffers = Pool()  # the rows of one chunk are dead once its losses are out: the next reuses them
+
+        def make(a: int, b: int) -> tuple[fx.Node, torch.Tensor]:
+            buffers.reset()
+            for start in starts:
+                rows = start.build(index[a:b], deltas[a:b], buffers)
+                if rows is not None:
+                    return start.node, rows
+            raise AssertionError("the last low-rank start builds every chunk")
+
+        return self._run_rows(lambda made: fns[made[0]](made[1]), make, n, size, flat.device)
+
     def losses_along(self, target: Target, deltas: torch.Tensor) -> torch.Tensor:
         plan = self._plan(target)
         flat = target.flat
@@ -526,6 +531,15 @@ class ConeEngine(Engine):
         fn = self._cone_fn(plan.placeholder, plan.cone, near=False)
         size = self.chunk_size(target, plan.cone)
         return self._run_rows(fn, lambda a, b: rows[a:b].view(b - a, *target.shape), n, size, flat.device)
+
+
+def _starts(update: Update | None) -> list[Update]:
+    """A low-rank start and its fallbacks, in order."""
+    found = []
+    while update is not None:
+        found.append(update)
+        update = update.fallback
+    return found
 
 
 def _downstream(nodes: Sequence[fx.Node], seed: fx.Node) -> list[fx.Node]:
@@ -573,166 +587,3 @@ def _probe(target: Target) -> torch.Tensor:
     signs = torch.randint(0, 2, (base.numel(),), generator=generator).to(base.device, base.dtype) * 2 - 1
     move = signs * 1e-3 * base.abs().clamp(min=1.0)
     return torch.stack([torch.zeros_like(move), move])
-
-
-# -- low-rank starts ------------------------------------------------------------------------------
-
-
-def _linear_update(captured: Captured, source: fx.Node, op_node: fx.Node, target: Target) -> _Update | None:
-    """How one perturbed element of `source` changes the output of `op_node`, if it is linear in it."""
-    op = op_node.target
-    args = list(op_node.args)
-    if op_node.kwargs:
-        return None
-    cache = captured.cache
-    base = cache.get(op_node)
-    if not isinstance(base, torch.Tensor) or base.dim() == 0:
-        return None
-    shape = target.shape
-    column: _Column | None = None
-    if op is aten.linear.default:
-        if len(args) > 1 and args[1] is source and args[0] is not source and len(shape) == 2:
-            xt = cache[args[0]].reshape(-1, shape[1]).T.contiguous()  # rows are gathered: (in, M)
-            in_f = shape[1]
-            column = _Column(op_node, base, lambda k: k // in_f, lambda k, d: d[:, None] * xt[k % in_f])
-        elif len(args) > 2 and args[2] is source and args[1] is not source and args[0] is not source:
-            m = base.numel() // base.shape[-1]
-            column = _Column(op_node, base, lambda k: k, lambda k, d: d[:, None].expand(len(k), m))
-    elif op in (aten.matmul.default, aten.mm.default):
-        if args[1] is source and args[0] is not source and len(shape) == 2 and base.dim() >= 2:
-            at = cache[args[0]].reshape(-1, shape[0]).T.contiguous()  # out[..., c] += h * a[..., r] for W[r, c]
-            n_cols = shape[1]
-            column = _Column(op_node, base, lambda k: k % n_cols, lambda k, d: d[:, None] * at[k // n_cols])
-    elif op is aten.conv2d.default:
-        return _conv2d_update(cache, source, op_node, args, base, shape)
-    if column is None:
-        return None
-    return _next_linear(captured, column) or _Update(op_node, column.rows)
-
-
-@dataclass
-class _Column:
-    """A perturbation that changes one output column of `node` (the last dim): ``out[..., r] += dcol``."""
-
-    node: fx.Node
-    base: torch.Tensor
-    which: Callable[[torch.Tensor], torch.Tensor]  # flat element index -> column r
-    change: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (index, deltas) -> dcol (k, M)
-
-    def rows(self, index: torch.Tensor, deltas: torch.Tensor, pool: Pool) -> torch.Tensor:
-        base2 = self.base.reshape(-1, self.base.shape[-1])
-        k = len(index)
-        rows = _copies(pool, base2, k)
-        rows[torch.arange(k, device=rows.device), :, self.which(index)] += self.change(index, deltas.to(rows.dtype))
-        return rows.view(k, *self.base.shape)
-
-
-def _copies(pool: Pool, base: torch.Tensor, k: int) -> torch.Tensor:
-    """`k` copies of `base` in a buffer of `pool` (a fresh one per chunk costs page faults on CPU)."""
-    return pool.take(base, (k, *base.shape)).copy_(base)
-
-
-def _next_linear(captured: Captured, column: _Column) -> _Update | None:
-    """One more step for free: through pointwise unary ops into a Linear, a changed column is a rank-1 update.
-
-    ``y = linear(f(z), W2, b2)`` with only column r of z changed: y changes by
-    ``(f(z')[:, r] - f(z)[:, r]) (outer) W2[:, r]``, a B x out product instead of a matmul.
-    """
-    chain: list[fx.Node] = []
-    node = column.node
-    while len(node.users) == 1:
-        (user,) = node.users
-        op = user.target
-        if op is aten.linear.default and user.args[0] is node and not user.kwargs and len(user.args) >= 2:
-            weight = user.args[1]
-            if any(a is node for a in user.args[1:]):  # the changed tensor is also the weight: not rank-1
-                return None
-            w = captured.cache.get(weight)
-            base = captured.cache.get(user)
-            if not isinstance(w, torch.Tensor) or w.dim() != 2 or not isinstance(base, torch.Tensor):
-                return None
-            break
-        if not _pointwise_unary(user, node):
-            return None
-        chain.append(user)
-        node = user
-    else:
-        return None
-    # Columns as contiguous rows, so that a chunk's columns are one cheap gather each.
-    zt = column.base.reshape(-1, column.base.shape[-1]).T.contiguous()
-    last = captured.cache[chain[-1]] if chain else column.base
-    at = last.reshape(-1, last.shape[-1]).T.contiguous()
-    wt = w.T.contiguous()
-    out2 = base.reshape(-1, base.shape[-1])
-
-    def build(index: torch.Tensor, deltas: torch.Tensor, pool: Pool) -> torch.Tensor:
-        r = column.which(index)
-        zcol = zt[r] + column.change(index, deltas.to(zt.dtype))  # (k, M)
-        for step in chain:  # pointwise, one tensor argument: the chain node itself
-            zcol = FASTER.get(step.target, step.target)(zcol, *step.args[1:])  # type: ignore[operator]
-        diff = zcol - at[r]
-        rows = _copies(pool, out2, len(index))  # contiguous, batch dim first: matmuls fold it
-        rows.addcmul_(diff[:, :, None], wt[r][:, None, :])
-        return rows.view(len(index), *base.shape)
-
-    return _Update(user, build)
-
-
-def _pointwise_unary(node: fx.Node, source: fx.Node) -> bool:
-    """A pointwise op of `source` alone (scalars besides): it maps each column to itself."""
-    op = node.target
-    if not isinstance(op, torch._ops.OpOverload) or torch.Tag.pointwise not in op.tags:
-        return False
-    if op._schema.is_mutable or node.kwargs:
-        return False
-    return node.args[0] is source and not any(isinstance(a, fx.Node) for a in node.args[1:])
-
-
-def _conv2d_update(
-    cache: dict[fx.Node, Any],
-    source: fx.Node,
-    op_node: fx.Node,
-    args: list[Any],
-    base: torch.Tensor,
-    shape: tuple[int, ...],
-) -> _Update | None:
-    """conv2d(x, W, b, stride, padding, dilation, groups): W[o, i, p, q] += h adds h * (a shifted x) to channel o."""
-    args = args + [None] * (7 - len(args))
-    x_node, w_node, b_node = args[0], args[1], args[2]
-    if x_node is source or not isinstance(x_node, fx.Node):
-        return None
-    x = cache[x_node]
-    batched = x.dim() == 4
-    if not batched and x.dim() != 3:
-        return None
-    stride, padding, dilation = (list(a) if a is not None else d for a, d in zip(args[3:6], ([1, 1], [0, 0], [1, 1])))
-    groups = args[6] if args[6] is not None else 1
-    out = base if batched else base.unsqueeze(0)
-    if w_node is source and b_node is not source and len(shape) == 4:
-        xb = x if batched else x.unsqueeze(0)
-        c_out, c_in_g, kh, kw = shape
-        cols = torch.nn.functional.unfold(xb, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-        per_group = c_out // groups
-        cols = cols.view(xb.shape[0], xb.shape[1] * kh * kw, *out.shape[2:])
-
-        def build(index: torch.Tensor, deltas: torch.Tensor, pool: Pool) -> torch.Tensor:
-            o = index // (c_in_g * kh * kw)
-            rest = index % (c_in_g * kh * kw)  # (i, p, q) within the group, channel-major like unfold
-            col = (o // per_group) * (c_in_g * kh * kw) + rest
-            k = len(index)
-            rows = _copies(pool, out, k)
-            ar = torch.arange(k, device=rows.device)
-            rows[ar, :, o] += deltas.to(rows.dtype).view(k, 1, 1, 1) * cols[:, col].transpose(0, 1)
-            return rows if batched else rows.squeeze(1)
-
-        return _Update(op_node, build)
-    if b_node is source and w_node is not source and len(shape) == 1:
-
-        def build_bias(index: torch.Tensor, deltas: torch.Tensor, pool: Pool) -> torch.Tensor:
-            k = len(index)
-            rows = _copies(pool, out, k)
-            rows[torch.arange(k, device=rows.device), :, index] += deltas.to(rows.dtype).view(k, 1, 1, 1)
-            return rows if batched else rows.squeeze(1)
-
-        return _Update(op_node, build_bias)
-    return None

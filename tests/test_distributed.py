@@ -8,6 +8,7 @@ the test instead of blocking CI.
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import re
 import time
@@ -42,19 +43,35 @@ def _entry(rank: int, world: int, init: str, out: str, job: str) -> None:
         pickle.dump(result, f)
 
 
-def spawn(job: str, tmp: Path, world: int = WORLD) -> list[Any]:
-    """Run ``JOBS[job](rank, world)`` on `world` gloo ranks; the per-rank return values, rank order."""
-    ctx = mp.start_processes(
-        _entry, args=(world, f"file://{tmp}/pg", str(tmp), job), nprocs=world, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DEADLINE
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"{job}: the ranks did not finish within {DEADLINE} s")
-    return [pickle.loads((tmp / f"rank{r}.pkl").read_bytes()) for r in range(world)]
+def spawn(job: str, tmp: Path, world: int = WORLD, tries: int = 2) -> list[Any]:
+    """Run ``JOBS[job](rank, world)`` on `world` gloo ranks; the per-rank return values, rank order.
+
+    A rank that aborts in C++ ("terminate called without an active exception", SIGABRT: seen in two
+    of six full suite runs on a 2-core machine, never alone) after it wrote its outcome has done its
+    work: its outcome counts. An abort before that: the spawn is tried once more.
+    """
+    for attempt in range(tries):
+        where = tmp / f"try{attempt}"
+        where.mkdir()
+        ctx = mp.start_processes(
+            _entry, args=(world, f"file://{where}/pg", str(where), job), nprocs=world, join=False, start_method="spawn"
+        )
+        deadline = time.monotonic() + DEADLINE
+        try:
+            while not ctx.join(timeout=1.0):
+                if time.monotonic() > deadline:
+                    for p in ctx.processes:
+                        if p.is_alive():
+                            p.terminate()
+                    pytest.fail(f"{job}: the ranks did not finish within {DEADLINE} s")
+        except mp.ProcessExitedException as exc:
+            done = all((where / f"rank{r}.pkl").exists() for r in range(world))
+            if not done and (exc.signal_name != "SIGABRT" or attempt + 1 == tries):
+                raise
+            if not done:
+                continue
+        return [pickle.loads((where / f"rank{r}.pkl").read_bytes()) for r in range(world)]
+    raise AssertionError("unreachable")
 
 
 def _changed(before: Any, model: torch.nn.Module) -> str:
@@ -176,7 +193,28 @@ def job_all(rank: int, world: int) -> dict[str, Any]:
     return {group: job(rank, world) for group, job in GROUPS.items()}
 
 
-JOBS = {"all": job_all, **GROUPS}
+def job_abort_first_try(rank: int, world: int) -> int:
+    """Rank 0 aborts in C++ on the first try (as gloo's teardown sometimes does), before its outcome."""
+    mark = Path(os.environ["TORCHGRADCHECK_TEST_ABORT_MARK"])
+    if rank == 0 and not mark.exists():
+        mark.touch()
+        os.abort()
+    return rank
+
+
+JOBS = {"all": job_all, "abort_first_try": job_abort_first_try, **GROUPS}
+
+
+def test_spawn_tries_again_when_a_rank_aborts_before_its_outcome(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHGRADCHECK_TEST_ABORT_MARK", str(tmp_path / "aborted"))
+    assert spawn("abort_first_try", tmp_path) == [0, 1]
+    assert (tmp_path / "aborted").exists()
+    assert not (tmp_path / "try0" / "rank0.pkl").exists()  # the first try aborted before its outcome
+    (tmp_path / "aborted").unlink()
+    again = tmp_path / "again"
+    again.mkdir()
+    with pytest.raises(mp.ProcessExitedException, match="SIGABRT"):  # no second try left: the error
+        spawn("abort_first_try", again, tries=1)
 
 
 @pytest.fixture(scope="module")

@@ -161,8 +161,9 @@ def _through_near(
 
     The second output moves by ``d[m, j] = u[m] W2[j, r]``; ``tanh`` of it moves by
     ``q d - t q d^2 + c d^3`` (`_plain_ops.tanh_constants`, exact to rounding while ``|d| <= NEAR_LIMIT``),
-    so the third output moves by ``u S1[r] - u^2 S2[r] + u^3 S3[r]``, with
-    ``S_p[r, m, o] = sum_j coef_p[m, j] W2[j, r]^p W3[o, j]``. Rows with a larger ``d``: `second`.
+    so the third output moves by ``u S1[r] + u^2 S2[r] + u^3 S3[r]``, with
+    ``S_p[r, m, o] = sum_j coef_p[m, j] W2[j, r]^p W3[o, j]`` and ``coef = (q, -t q, c)``.
+    Rows with a larger ``d``: `second`. CPU, float32/64 only, like the near forms.
     """
     act = _only_user(linear)
     third = _only_user(act) if act is not None else None
@@ -173,6 +174,8 @@ def _through_near(
     x0, y0, w3, out3 = (cache.get(n) for n in (linear, act, third.args[1], third))
     tensors = (x0, y0, w3, out3)
     if not all(isinstance(t, torch.Tensor) for t in tensors) or w3.dim() != 2 or x0.device.type != "cpu":
+        return None
+    if x0.dtype not in (torch.float64, torch.float32) or any(t.dtype != x0.dtype for t in (y0, w2, w3, out3)):
         return None
     m, j, r_all = x0.numel() // x0.shape[-1], w2.shape[0], w2.shape[1]
     if m * j * r_all > SUMS_LIMIT or 3 * r_all * m * w3.shape[0] > SUMS_LIMIT:

@@ -11,7 +11,6 @@ import datetime
 import os
 import pickle
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from corpus import BUGS, CORRECT
 from helpers import assert_unchanged, snapshot
+from ranks import spawn_ranks
 from tp_corpus import DDP_BUGS, DDP_CORRECT, TP_BUGS, TP_CORRECT, tp_mlp
 
 from torchgradcheck import InvalidArgumentError, verify_distributed, verify_module
@@ -44,34 +44,8 @@ def _entry(rank: int, world: int, init: str, out: str, job: str) -> None:
 
 
 def spawn(job: str, tmp: Path, world: int = WORLD, tries: int = 2) -> list[Any]:
-    """Run ``JOBS[job](rank, world)`` on `world` gloo ranks; the per-rank return values, rank order.
-
-    A rank that aborts in C++ ("terminate called without an active exception", SIGABRT: seen in two
-    of six full suite runs on a 2-core machine, never alone) after it wrote its outcome has done its
-    work: its outcome counts. An abort before that: the spawn is tried once more.
-    """
-    for attempt in range(tries):
-        where = tmp / f"try{attempt}"
-        where.mkdir()
-        ctx = mp.start_processes(
-            _entry, args=(world, f"file://{where}/pg", str(where), job), nprocs=world, join=False, start_method="spawn"
-        )
-        deadline = time.monotonic() + DEADLINE
-        try:
-            while not ctx.join(timeout=1.0):
-                if time.monotonic() > deadline:
-                    for p in ctx.processes:
-                        if p.is_alive():
-                            p.terminate()
-                    pytest.fail(f"{job}: the ranks did not finish within {DEADLINE} s")
-        except mp.ProcessExitedException as exc:
-            done = all((where / f"rank{r}.pkl").exists() for r in range(world))
-            if not done and (exc.signal_name != "SIGABRT" or attempt + 1 == tries):
-                raise
-            if not done:
-                continue
-        return [pickle.loads((where / f"rank{r}.pkl").read_bytes()) for r in range(world)]
-    raise AssertionError("unreachable")
+    """Run ``JOBS[job](rank, world)`` on `world` gloo ranks; the per-rank return values, rank order."""
+    return spawn_ranks(_entry, (job,), tmp, world, DEADLINE, tries)
 
 
 def _changed(before: Any, model: torch.nn.Module) -> str:

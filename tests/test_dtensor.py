@@ -13,16 +13,15 @@ import pickle
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from dtensor_corpus import FSDP_BUGS, FSDP_CORRECT, TP_BUGS, TP_CORRECT, fsdp_mlp, tp_mlp
 from helpers import assert_unchanged, snapshot
+from ranks import spawn_ranks
 
 from torchgradcheck import InvalidArgumentError, verify_distributed
 
@@ -89,18 +88,7 @@ def job(rank: int, world: int) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory) -> list[dict[str, Any]]:
-    tmp = tmp_path_factory.mktemp("dtensor_ranks")
-    ctx = mp.start_processes(
-        _entry, args=(WORLD, f"file://{tmp}/pg", str(tmp)), nprocs=WORLD, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + DEADLINE
-    while not ctx.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                if p.is_alive():
-                    p.terminate()
-            pytest.fail(f"the ranks did not finish within {DEADLINE} s")
-    return [pickle.loads((tmp / f"rank{r}.pkl").read_bytes()) for r in range(WORLD)]
+    return spawn_ranks(_entry, (), tmp_path_factory.mktemp("dtensor_ranks"), WORLD, DEADLINE)
 
 
 def _report(outcomes: list[dict[str, Any]], case: str) -> Any:

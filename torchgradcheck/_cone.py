@@ -567,14 +567,14 @@ def cone_agrees(loop: LoopEngine, target: Target, loss0: torch.Tensor, slack: fl
         cone = ConeEngine(loop.lent, loop.objective, loop.seed, loop.tick)
         moves = _probe(target)
         value, moved = cone.losses_along(target, moves)
+        plain = loop.losses_along(target, moves[1:])[0]
     except ConeUnavailableError as exc:
         return None, f"the cone engine can't honour this model: {exc}"
-    except Exception as exc:  # any error here means "use vmap"
+    except Exception as exc:  # any error here means: the engine before it
         first = str(exc).split(". ")[0].splitlines()[0] if str(exc) else ""
         return None, f"the cone engine could not run the model ({type(exc).__name__}: {first[:160]})"
     if not abs(float(value) - float(loss0)) <= slack:
         return None, f"the cone engine gave a different unperturbed loss ({float(value)!r} vs {float(loss0)!r})"
-    plain = loop.losses_along(target, moves[1:])[0]
     if not abs(float(moved) - float(plain)) <= slack:
         return None, f"the cone engine gave a different loss at a moved point ({float(moved)!r} vs {float(plain)!r})"
     return cone, ""

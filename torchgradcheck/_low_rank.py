@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import fx
 
-from ._plain_ops import FASTER, NEAR, NEAR_LIMIT
+from ._plain_ops import FASTER, NEAR, NEAR_LIMIT, fast_here
 from ._rows import Pool
 
 __all__ = ["Update", "linear_update"]
@@ -173,9 +173,9 @@ def _through_near(
         return None
     x0, y0, w3, out3 = (cache.get(n) for n in (linear, act, third.args[1], third))
     tensors = (x0, y0, w3, out3)
-    if not all(isinstance(t, torch.Tensor) for t in tensors) or w3.dim() != 2 or x0.device.type != "cpu":
+    if not all(isinstance(t, torch.Tensor) for t in tensors) or w3.dim() != 2 or not fast_here(x0):
         return None
-    if x0.dtype not in (torch.float64, torch.float32) or any(t.dtype != x0.dtype for t in (y0, w2, w3, out3)):
+    if any(t.dtype != x0.dtype for t in (y0, w2, w3, out3)):
         return None
     m, j, r_all = x0.numel() // x0.shape[-1], w2.shape[0], w2.shape[1]
     if m * j * r_all > SUMS_LIMIT or 3 * r_all * m * w3.shape[0] > SUMS_LIMIT:

@@ -31,6 +31,7 @@ __all__ = [
     "cross_entropy_constants",
     "cross_entropy_near",
     "cross_entropy_rows",
+    "fast_here",
     "tanh",
     "tanh_constants",
     "tanh_near",
@@ -85,9 +86,22 @@ def cross_entropy_rows(logits: torch.Tensor, target: torch.Tensor, reduction: in
     top = logits.amax(-1, keepdim=True)
     lse = (logits - top).exp().sum(-1).log() + top.squeeze(-1)
     keep = target != ignore_index
-    index = torch.where(keep, target, 0).expand(logits.shape[:-1]).unsqueeze(-1)
-    losses = torch.where(keep, lse - logits.gather(-1, index).squeeze(-1), 0.0)
-    return losses.sum(-1) / keep.sum() if reduction == 1 else losses.sum(-1)
+    count = keep.sum() if reduction == 1 else None
+    return _reduced(logits, lse, keep, torch.where(keep, target, 0), count)
+
+
+def _reduced(
+    logits: torch.Tensor, lse: torch.Tensor, keep: torch.Tensor, index: torch.Tensor, count: torch.Tensor | None
+) -> torch.Tensor:
+    """``lse - logits[target]`` per sample, ignored samples 0, summed (or over `count`) per leading index."""
+    picked = logits.gather(-1, index.expand(logits.shape[:-1]).unsqueeze(-1)).squeeze(-1)
+    losses = torch.where(keep, lse - picked, 0.0)
+    return losses.sum(-1) / count if count is not None else losses.sum(-1)
+
+
+def fast_here(x: torch.Tensor) -> bool:
+    """Where the tanh forms below pay: float32/64 on CPU (on CUDA ``torch.tanh`` is one memory-bound kernel)."""
+    return x.device.type == "cpu" and x.dtype in (torch.float64, torch.float32)
 
 
 def tanh(x: torch.Tensor) -> torch.Tensor:
@@ -96,7 +110,7 @@ def tanh(x: torch.Tensor) -> torch.Tensor:
     ``|x| > 20`` is clamped first (``tanh(20)`` rounds to 1 in float64 and float32; no overflow).
     Other dtypes: ``torch.tanh``.
     """
-    if x.dtype not in (torch.float64, torch.float32) or x.device.type != "cpu":
+    if not fast_here(x):
         return torch.tanh(x)
     e = x.clamp(-20.0, 20.0).mul_(2.0).expm1_()
     return e.div_(e + 2.0)
@@ -131,7 +145,7 @@ def tanh_near(
 
 def _near_difference(x: torch.Tensor, x0: torch.Tensor, out: torch.Tensor) -> torch.Tensor | None:
     """``x - x0`` into `out` when every entry is within `NEAR_LIMIT` (CPU, float32/64); else None."""
-    if x.device.type != "cpu" or x.dtype not in (torch.float64, torch.float32) or x0.dtype != x.dtype:
+    if not fast_here(x) or x0.dtype != x.dtype:
         return None
     d = torch.sub(x, x0, out=out)
     low, high = torch.aminmax(d)
@@ -168,10 +182,7 @@ def cross_entropy_near(
         return None
     p, lse0, keep, index, count = constants
     expm1 = torch.mul(d, 1 / 6, out=out).add_(0.5).mul_(d).add_(1.0).mul_(d)
-    lse = expm1.mul_(p).sum(-1).log1p_().add_(lse0)
-    picked = x.gather(-1, index.expand(x.shape[:-1]).unsqueeze(-1)).squeeze(-1)
-    losses = torch.where(keep, lse - picked, 0.0)
-    return losses.sum(-1) / count if count is not None else losses.sum(-1)
+    return _reduced(x, expm1.mul_(p).sum(-1).log1p_().add_(lse0), keep, index, count)
 
 
 @dataclass(frozen=True)
